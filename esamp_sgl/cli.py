@@ -1,0 +1,78 @@
+"""The ``esamp-sgl`` command line: serve, models, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from esamp_sgl import models
+
+
+def _cmd_serve(args: argparse.Namespace, sglang_args: list[str]) -> int:
+    from esamp_sgl.serve import serve
+
+    return serve(args.model, sglang_args)
+
+
+def _cmd_models(args: argparse.Namespace, _: list[str]) -> int:
+    if args.action == "list":
+        for name, about in models.known_models().items():
+            path = models.cache_root() / "models" / name
+            state = str(path) if (path / models.MARKER).is_file() else "not fetched"
+            print(f"{name}\t{about}\t{state}")
+    elif args.action == "fetch":
+        print(models.resolve(args.name))
+    elif args.action == "tiny":
+        print(models.write_tiny_llama(Path(args.path), layers=args.layers, hidden=args.hidden, seed=args.seed))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace, _: list[str]) -> int:
+    from esamp_sgl.demo import run_demo
+
+    return run_demo(args.model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esamp-sgl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="launch SGLang's server; every SGLang flag passes through",
+                           description="Launch SGLang's HTTP server. Unknown flags go to SGLang unchanged; "
+                                       "without a GPU, CPU defaults are added for flags not given.")
+    serve.add_argument("--model", help="known model name (see `esamp-sgl models list`) or checkpoint dir")
+    serve.set_defaults(func=_cmd_serve, passthrough=True)
+
+    mdl = sub.add_parser("models", help="offline models: list, fetch, tiny")
+    msub = mdl.add_subparsers(dest="action", required=True)
+    msub.add_parser("list")
+    fetch = msub.add_parser("fetch", help="fetch and convert a known model into the cache")
+    fetch.add_argument("name", choices=sorted(models.known_models()))
+    tiny = msub.add_parser("tiny", help="write a tiny random Llama (for mechanics tests)")
+    tiny.add_argument("path")
+    tiny.add_argument("--layers", type=int, default=4)
+    tiny.add_argument("--hidden", type=int, default=128)
+    tiny.add_argument("--seed", type=int, default=0)
+    mdl.set_defaults(func=_cmd_models)
+
+    demo = sub.add_parser("demo", help="start a CPU server with SmolLM2 and run the demo")
+    demo.add_argument("--model", default="smollm2-135m")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.func(args, rest)
+    except (models.ModelError, ValueError) as e:
+        print(f"esamp-sgl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

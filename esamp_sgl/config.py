@@ -1,0 +1,66 @@
+"""ESamp recipe knobs, as one frozen dataclass shared by the core and the server patch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+Init = Literal["random", "svd", "base"]
+MixVariant = Literal["plain", "orthogonal", "rescaled", "tempered"]
+FilterMode = Literal["pre", "post"]
+Optimizer = Literal["sgd", "adamw"]
+
+INITS: tuple[str, ...] = ("random", "svd", "base")
+MIX_VARIANTS: tuple[str, ...] = ("plain", "orthogonal", "rescaled", "tempered")
+FILTER_MODES: tuple[str, ...] = ("pre", "post")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class ESampConfig:
+    """How distillers are built, trained and mixed in. Defaults are the reference recipe,
+    except rank 32 + SGD, which keeps a group at ≈ 1.6 MB at d = 4096 (see bytes_per_group)."""
+
+    rank: int = 32
+    init: Init = "random"
+    init_std: float = 0.02
+    gate_bias: float = 1.0
+    optimizer: Optimizer = "sgd"
+    lr: float = 1e-3
+    steps_per_decode: int = 1
+    warmup_steps: int = 0
+    staleness: int = 1
+    mix: MixVariant = "plain"
+    filter_mode: FilterMode = "pre"
+    max_groups: int = 64
+    max_beta: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "rank", self.rank, "must be >= 1")
+        _check(self.init in INITS, "init", self.init, f"must be one of {INITS}")
+        _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
+        _check(self.mix in MIX_VARIANTS, "mix", self.mix, f"must be one of {MIX_VARIANTS}")
+        _check(self.filter_mode in FILTER_MODES, "filter_mode", self.filter_mode, f"must be one of {FILTER_MODES}")
+        _check(self.lr > 0, "lr", self.lr, "must be > 0")
+        _check(self.steps_per_decode >= 1, "steps_per_decode", self.steps_per_decode, "must be >= 1")
+        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.staleness >= 0, "staleness", self.staleness, "must be >= 0")
+        _check(self.max_groups >= 1, "max_groups", self.max_groups, "must be >= 1")
+        _check(self.max_beta > 0, "max_beta", self.max_beta, "must be > 0")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _check(ok: bool, name: str, value: object, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"ESamp config {name}={value!r}: {rule}")
+
+
+def bytes_per_group(d: int, cfg: ESampConfig, dtype_bytes: int = 4) -> int:
+    """Memory one group's slot holds: weights, plus optimizer state (AdamW: two moments)."""
+    r = cfg.rank
+    params = 3 * d * r + r + 2 * d  # A, G: d×r; B: r×d; gate bias: r; LayerNorm weight, bias: d
+    state = 2 * params if cfg.optimizer == "adamw" else 0
+    return (params + state) * dtype_bytes

@@ -1,0 +1,173 @@
+"""The distiller bank: one small distiller per exploration group, all in batched tensors.
+
+Distiller (reference form): ĥ = LayerNorm(x + ((x·A) ⊙ SiLU(x·G + b))·B), with per-slot
+A, G ∈ R^{d×r}, b ∈ R^r, B ∈ R^{r×d} and LayerNorm weight/bias ∈ R^d. Slot s of every group is
+row s of each bank tensor, so one call serves a batch whatever its mix of groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from esamp_sgl.config import ESampConfig
+
+PARAM_NAMES = ("A", "G", "b", "B", "ln_w", "ln_b")
+Params = tuple[torch.Tensor, ...]  # in PARAM_NAMES order, each with a leading slot dimension
+
+
+def distiller_forward(params: Params, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """ĥ for rows x [N, d], row i using slot[i]. Graph-safe: fixed shapes, no host syncs.
+
+    Rows gather their slot's weights ([N, d, r] each), which is simple and fine at the row
+    counts of one decode step; the Triton kernel avoids the gather on GPU.
+    """
+    A, G, b, B, ln_w, ln_b = (p.index_select(0, slot) for p in params)
+    xr = x.unsqueeze(1)  # [N, 1, d]
+    up = torch.bmm(xr, A)  # [N, 1, r]
+    gate = torch.bmm(xr, G) + b.unsqueeze(1)
+    y = x + torch.bmm(up * F.silu(gate), B).squeeze(1)  # [N, d]
+    return F.layer_norm(y, (y.shape[-1],)) * ln_w + ln_b
+
+
+def init_slot(d: int, cfg: ESampConfig, *, generator: torch.Generator | None = None,
+              base: dict[str, torch.Tensor] | None = None,
+              mlp: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The weights a fresh slot starts from, by ``cfg.init``.
+
+    random: N(0, init_std), gate bias ``gate_bias``, LayerNorm identity (the reference).
+    base:   a copy of a per-model base distiller (``base``: tensors named as PARAM_NAMES).
+    svd:    from the model's last MLP (``mlp``: gate_proj [I, d], up_proj [I, d], down_proj [d, I]):
+            the top-r singular directions of down_proj pick the intermediate subspace, so the
+            distiller starts as a rank-r projection of that MLP.
+    """
+    r = cfg.rank
+    if cfg.init == "base":
+        if base is None:
+            raise ValueError("init='base' needs a base distiller")
+        return {k: base[k].detach().to(torch.float32).clone() for k in PARAM_NAMES}
+    weights = {
+        "A": torch.randn(d, r, generator=generator) * cfg.init_std,
+        "G": torch.randn(d, r, generator=generator) * cfg.init_std,
+        "b": torch.full((r,), cfg.gate_bias),
+        "B": torch.randn(r, d, generator=generator) * cfg.init_std,
+        "ln_w": torch.ones(d),
+        "ln_b": torch.zeros(d),
+    }
+    if cfg.init == "svd":
+        if mlp is None:
+            raise ValueError("init='svd' needs the model's last MLP weights")
+        down = mlp["down_proj"].to(torch.float32)  # [d, I]
+        u, s, vh = torch.linalg.svd(down, full_matrices=False)
+        v_r = vh[:r].T  # [I, r]
+        weights["A"] = mlp["up_proj"].to(torch.float32).T @ v_r
+        weights["G"] = mlp["gate_proj"].to(torch.float32).T @ v_r
+        weights["b"] = torch.zeros(r)
+        weights["B"] = (u[:, :r] * s[:r]).T.contiguous()
+    return weights
+
+
+class DistillerBank:
+    """``num_slots`` distillers of width ``d`` with their optimizer state."""
+
+    def __init__(self, num_slots: int, d: int, cfg: ESampConfig, *, device: torch.device | str = "cpu",
+                 seed: int = 0, base: dict[str, torch.Tensor] | None = None,
+                 mlp: dict[str, torch.Tensor] | None = None) -> None:
+        self.cfg, self.d, self.num_slots = cfg, d, num_slots
+        self.device = torch.device(device)
+        gen = torch.Generator().manual_seed(seed)
+        template = init_slot(d, cfg, generator=gen, base=base, mlp=mlp)
+        self.template = tuple(template[k].to(self.device) for k in PARAM_NAMES)
+        self.params: Params = tuple(t.unsqueeze(0).repeat(num_slots, *([1] * t.dim())) for t in self.template)
+        n_state = 2 if cfg.optimizer == "adamw" else 0
+        self.state = [tuple(torch.zeros_like(p) for p in self.params) for _ in range(n_state)]
+        self.slot_steps = torch.zeros(num_slots, dtype=torch.int64, device=self.device)
+        self.train_steps = 0
+        self.reset_count = torch.zeros((), dtype=torch.int64, device=self.device)  # device-side: no sync
+        self.last_loss: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0, dtype=torch.int64), torch.empty(0))
+
+    def reset_slots(self, slots: torch.Tensor) -> None:
+        """Give ``slots`` fresh weights and optimizer state."""
+        for p, t in zip(self.params, self.template):
+            p[slots] = t
+        for moments in self.state:
+            for m in moments:
+                m[slots] = 0
+        self.slot_steps[slots] = 0
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        return distiller_forward(self.params, x.to(torch.float32), slot)
+
+    def train_step(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor,
+                   live: torch.Tensor | None = None) -> None:
+        """One optimizer step per slot present in ``slot`` (rows with slot < 0 are skipped).
+
+        Each slot's loss is the mean over its own rows of the per-row MSE (fp32), so a slot's
+        update does not depend on how many rows other groups had. A slot whose weights become
+        non-finite is reset and counted. ``live`` (the sorted distinct slots ≥ 0, known on the
+        host from the batch) avoids the host sync of computing it here; the step is then
+        sync-free, so a CUDA side stream never blocks the host. Losses before the step land in
+        ``last_loss`` as (slots, losses) tensors.
+        """
+        if live is None:
+            live = torch.unique(slot[slot >= 0])
+        if len(live) == 0:
+            return
+        # Rows with slot < 0 go to a spare bucket past the live slots (template weights, loss dropped).
+        rows_slot = torch.where(slot >= 0, torch.searchsorted(live, slot.clamp_min(0)), len(live))
+        n_buckets = len(live) + 1
+        with torch.inference_mode(False), torch.enable_grad():
+            x, h = x.to(torch.float32).clone(), h.to(torch.float32).clone()  # no inference tensors
+            for step in range(self.cfg.steps_per_decode):
+                sub = tuple(p.index_select(0, live).clone().requires_grad_(True) for p in self.params)
+                with_spare = tuple(torch.cat([s, t.unsqueeze(0)]) for s, t in zip(sub, self.template))
+                row_loss = (distiller_forward(with_spare, x, rows_slot) - h).pow(2).mean(dim=1)
+                sums = torch.zeros(n_buckets, device=x.device).index_add_(0, rows_slot, row_loss)
+                counts = torch.zeros(n_buckets, device=x.device).index_add_(0, rows_slot, torch.ones_like(row_loss))
+                slot_loss = (sums / counts.clamp_min(1))[:-1]
+                if step == 0:
+                    self.last_loss = (live, slot_loss.detach())
+                grads = torch.autograd.grad(slot_loss.sum(), sub)
+                with torch.no_grad():
+                    self._apply_update(live, sub, grads)
+        self._reset_non_finite(live)
+        self.train_steps += 1
+
+    def losses(self) -> dict[int, float]:
+        """{slot: loss before the last step} (a host sync; for tests and reporting)."""
+        live, loss = self.last_loss
+        return dict(zip(live.tolist(), loss.tolist()))
+
+    def _apply_update(self, live: torch.Tensor, sub: Params, grads: Params) -> None:
+        cfg = self.cfg
+        self.slot_steps[live] += 1
+        if cfg.optimizer == "sgd":
+            for p, s, g in zip(self.params, sub, grads):
+                p[live] = s - cfg.lr * g
+            return
+        beta1, beta2, eps, weight_decay = 0.9, 0.999, 1e-8, 0.01
+        step = self.slot_steps[live].to(torch.float32)
+        m_all, v_all = self.state
+        for p, s, g, m_bank, v_bank in zip(self.params, sub, grads, m_all, v_all):
+            shape = (-1,) + (1,) * (g.dim() - 1)
+            m = m_bank[live] * beta1 + g * (1 - beta1)
+            v = v_bank[live] * beta2 + g * g * (1 - beta2)
+            m_hat = m / (1 - beta1 ** step).view(shape)
+            v_hat = v / (1 - beta2 ** step).view(shape)
+            p[live] = s * (1 - cfg.lr * weight_decay) - cfg.lr * m_hat / (v_hat.sqrt() + eps)
+            m_bank[live], v_bank[live] = m, v
+
+    def _reset_non_finite(self, live: torch.Tensor) -> None:
+        """Reset live slots whose weights are not all finite, without a host sync."""
+        finite = torch.ones(len(live), dtype=torch.bool, device=self.device)
+        for p in self.params:
+            finite &= torch.isfinite(p[live]).flatten(1).all(dim=1)
+        for p, t in zip(self.params, self.template):
+            keep = finite.view((-1,) + (1,) * t.dim())
+            p[live] = torch.where(keep, p[live], t)
+        for moments in self.state:
+            for m in moments:
+                m[live] = torch.where(finite.view((-1,) + (1,) * (m.dim() - 1)), m[live], 0)
+        self.slot_steps[live] = torch.where(finite, self.slot_steps[live], 0)
+        self.reset_count += (~finite).sum()

@@ -1,0 +1,122 @@
+"""The training lane: decoding never waits for training, and staleness is exactly k.
+
+Contract (both lanes): decode steps are numbered t = 0, 1, …; the training job of step t is the
+(shallow, deep, slot) rows that step produced. The prediction at step t uses the weights after
+jobs 0 … t−1−k have been applied, and no others. k = ``cfg.staleness``; fixed, so runs are
+reproducible and tensor-parallel ranks apply identical updates.
+
+- ``DeferredLane`` (CPU): jobs wait in a queue and are applied at the start of the step that
+  first needs them — deterministic, and in the same thread as the forward (a background thread
+  would share the two cores with the busy-polling scheduler and the forward; not adopted).
+- ``CudaStreamLane`` (GPU): jobs run on a side stream against a master copy of the bank; the
+  forward reads a published copy at fixed addresses (CUDA-graph safe). Before step t, the
+  main stream waits for job t−1−k and publishes the slots it trained; job j starts only after
+  the publish of step j+k, so it can never leak into an earlier step's weights. Written for
+  CUDA; only its CPU twin is exercised on these machines.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from esamp_sgl.distiller import DistillerBank
+
+
+@dataclass
+class Job:
+    step: int
+    x: torch.Tensor
+    h: torch.Tensor
+    slot: torch.Tensor
+    live: torch.Tensor | None  # distinct slots ≥ 0, sorted; known on the host from the batch
+
+
+class DeferredLane:
+    def __init__(self, bank: DistillerBank, staleness: int) -> None:
+        self.bank, self.staleness = bank, staleness
+        self.step = -1  # the current decode step
+        self.applied_through = -1  # last job index applied
+        self._queue: deque[Job] = deque()
+
+    def begin_step(self) -> int:
+        """Call before the forward of a new decode step; applies the jobs it is owed."""
+        self.step += 1
+        self._apply_through(self.step - 1 - self.staleness)
+        return self.step
+
+    def submit(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor, live: torch.Tensor | None = None) -> None:
+        """Queue this step's rows for training. Copies now: the caller's buffers get reused."""
+        if self.step < 0:
+            raise RuntimeError("submit() before begin_step()")
+        self._queue.append(Job(self.step, x.detach().clone(), h.detach().clone(), slot.detach().clone(), live))
+
+    def flush(self) -> None:
+        """Apply every queued job (e.g. when no decode step will follow)."""
+        self._apply_through(self.step)
+
+    @property
+    def lag(self) -> int:
+        """Queued jobs not yet applied."""
+        return len(self._queue)
+
+    def _apply_through(self, last: int) -> None:
+        while self._queue and self._queue[0].step <= last:
+            job = self._queue.popleft()
+            self.bank.train_step(job.x, job.h, job.slot, job.live)
+            self.applied_through = job.step
+
+
+class CudaStreamLane(DeferredLane):
+    """Same contract as DeferredLane; training runs on a side CUDA stream (see module doc)."""
+
+    def __init__(self, bank: DistillerBank, staleness: int) -> None:
+        super().__init__(bank, staleness)
+        self.main = torch.cuda.current_stream(bank.device)
+        self.side = torch.cuda.Stream(bank.device)
+        # The bank's own tensors are the published copy the forward reads; training runs on master.
+        self.published = bank.params
+        bank.params = tuple(p.clone() for p in self.published)
+        self._trained: dict[int, tuple[torch.cuda.Event, torch.Tensor]] = {}
+        self._published_events: dict[int, torch.cuda.Event] = {}
+
+    def begin_step(self) -> int:
+        self.step += 1
+        owed = self.step - 1 - self.staleness
+        if owed in self._trained:
+            done, slots = self._trained.pop(owed)
+            self.main.wait_event(done)
+            for pub, master in zip(self.published, self.bank.params):
+                pub[slots] = master[slots]
+            self.applied_through = owed
+        published = torch.cuda.Event()
+        published.record(self.main)
+        self._published_events[self.step] = published
+        self._launch_ready()
+        return self.step
+
+    def submit(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor, live: torch.Tensor | None = None) -> None:
+        if live is None:  # computing it on the side stream would make the host wait for the GPU
+            live = torch.unique(slot[slot >= 0])
+        super().submit(x, h, slot, live)  # copies on the main stream, ordered before the next replay
+        ready = torch.cuda.Event()
+        ready.record(self.main)
+        self._queue[-1].ready = ready
+        self._launch_ready()
+
+    def flush(self) -> None:
+        torch.cuda.current_stream().wait_stream(self.side)
+
+    def _launch_ready(self) -> None:
+        while self._queue and self._queue[0].step + self.staleness in self._published_events:
+            job = self._queue.popleft()
+            gate = self._published_events.pop(job.step + self.staleness)
+            with torch.cuda.stream(self.side):
+                self.side.wait_event(job.ready)
+                self.side.wait_event(gate)
+                self.bank.train_step(job.x, job.h, job.slot, job.live)
+                done = torch.cuda.Event()
+                done.record(self.side)
+            self._trained[job.step] = (done, job.live)

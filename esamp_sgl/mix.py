@@ -1,0 +1,86 @@
+"""The latent mix and its variants, the post-filter mode, and the novelty readout.
+
+All functions take per-row β [N] and leave rows with β = 0 bit-identical to their input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from esamp_sgl.config import MixVariant
+
+
+def mix_hidden(h: torch.Tensor, h_hat: torch.Tensor, beta: torch.Tensor, variant: MixVariant = "plain") -> torch.Tensor:
+    """h_mix per row; W·h_mix equals the contrastive logits (1+β)·W·h − β·W·ĥ for 'plain'.
+
+    plain:      h + β(h − ĥ)
+    orthogonal: h + β·(h − ĥ)⊥h — only the part of h − ĥ orthogonal to h, so ‖h‖ (and the
+                logit scale, i.e. the effective temperature) changes only to second order
+    rescaled:   the plain mix rescaled to ‖h‖
+    tempered:   the plain mix divided by 1 + β, undoing the 1+β logit scale that an
+                uninformative ĥ would otherwise turn into a lower temperature
+    Graph-safe: no host syncs, no data-dependent shapes.
+    """
+    hf, hat = h.to(torch.float32), h_hat.to(torch.float32)
+    b = beta.to(torch.float32).unsqueeze(-1)
+    delta = hf - hat
+    if variant == "orthogonal":
+        coef = (delta * hf).sum(-1, keepdim=True) / (hf * hf).sum(-1, keepdim=True).clamp_min(1e-12)
+        delta = delta - coef * hf
+    mixed = hf + b * delta
+    if variant == "rescaled":
+        mixed = mixed * (hf.norm(dim=-1, keepdim=True) / mixed.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    elif variant == "tempered":
+        mixed = mixed / (1 + b)
+    return torch.where(b == 0, h, mixed.to(h.dtype))
+
+
+def novelty(h: torch.Tensor, h_hat: torch.Tensor) -> torch.Tensor:
+    """Relative prediction error ‖h − ĥ‖² / ‖h‖² per row: ≈ 0 on familiar paths, ≈ 1+ on new ones."""
+    hf = h.to(torch.float32)
+    return (hf - h_hat.to(torch.float32)).pow(2).sum(-1) / hf.pow(2).sum(-1).clamp_min(1e-12)
+
+
+def candidate_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                   temperature: torch.Tensor) -> torch.Tensor:
+    """Tokens that the base model's own top-k / top-p / min-p filters keep, per row [N, V].
+
+    top_k ≤ 0 or ≥ V means no top-k limit; top_p = 1 and min_p = 0 disable those filters.
+    Probabilities are taken at each row's temperature (as the sampler would).
+    """
+    n, vocab = logits.shape
+    probs = torch.softmax(logits.float() / temperature.float().clamp_min(1e-6).unsqueeze(-1), dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=logits.device).expand(n, vocab)
+    k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k).unsqueeze(-1)
+    keep_sorted = rank < k
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    keep_sorted &= mass_before < top_p.float().unsqueeze(-1)
+    keep_sorted &= sorted_probs >= min_p.float().unsqueeze(-1) * sorted_probs[:, :1]
+    keep_sorted[:, 0] = True
+    return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+
+
+def post_filter_logits(logits: torch.Tensor, h_hat: torch.Tensor, lm_head: torch.Tensor, beta: torch.Tensor,
+                       keep: torch.Tensor) -> torch.Tensor:
+    """Post-filter ESamp: the base model picks the candidates, the contrast reweights only them.
+
+    For rows with β > 0: (1+β)·logits − β·(W·ĥ) on the candidates in ``keep``, −inf elsewhere;
+    the distiller's logits W·ĥ are computed for candidate tokens only (gathered rows of the LM
+    head ``lm_head`` [V, d]). Rows with β = 0 are returned unchanged. Eager only (the candidate
+    count is data-dependent); it runs beside the sampler, after the CUDA graph.
+    """
+    out = logits.clone()
+    rows = (beta > 0).nonzero().squeeze(-1)
+    if rows.numel() == 0:
+        return out
+    k = int(keep[rows].sum(-1).max())
+    base = logits[rows].float()
+    cand = base.masked_fill(~keep[rows], float("-inf")).topk(k, dim=-1).indices  # [R, k]
+    valid = keep[rows].gather(1, cand)
+    amateur = torch.einsum("rkd,rd->rk", lm_head[cand].float(), h_hat[rows].float())
+    b = beta[rows].float().unsqueeze(-1)
+    mixed = (1 + b) * base.gather(1, cand) - b * amateur
+    row_out = torch.full_like(base, float("-inf")).scatter(1, cand, mixed.masked_fill(~valid, float("-inf")))
+    out[rows] = row_out.to(out.dtype)
+    return out
