@@ -134,6 +134,12 @@ class DistillerBank:
         self._reset_non_finite(live)
         self.train_steps += 1
 
+    def warm_up(self, x: torch.Tensor, h: torch.Tensor, slot: int) -> None:
+        """``cfg.warmup_steps`` steps on one group's prompt (prefill) states before it decodes."""
+        slots = torch.full((len(x),), slot, dtype=torch.int64, device=x.device)
+        for _ in range(self.cfg.warmup_steps):
+            self.train_step(x, h, slots)
+
     def losses(self) -> dict[int, float]:
         """{slot: loss before the last step} (a host sync; for tests and reporting)."""
         live, loss = self.last_loss

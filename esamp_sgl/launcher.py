@@ -34,14 +34,16 @@ class LaunchedServer:
     """A running SGLang server; use as a context manager or call ``stop()``."""
 
     def __init__(self, model: str, sglang_args: Sequence[str] = (), *, log_path: Path,
-                 startup_timeout: float = 300.0, env: dict[str, str] | None = None) -> None:
+                 startup_timeout: float = 300.0, env: dict[str, str | None] | None = None) -> None:
+        """``env`` overrides the server's environment; a None value removes that variable."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = server_command(model, [*sglang_args, "--host", "127.0.0.1", "--port", str(self.port)])
         self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(cmd, env={**server_env(), **(env or {})}, stdout=self._log,
+        merged = {**server_env(), **(env or {})}
+        self.process = subprocess.Popen(cmd, env={k: v for k, v in merged.items() if v is not None}, stdout=self._log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self._wait_healthy(startup_timeout)

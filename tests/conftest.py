@@ -29,5 +29,7 @@ def smollm2_path() -> Path:
 
 
 def launch(model: Path, name: str, *extra: str) -> Iterator[LaunchedServer]:
-    with LaunchedServer(str(model), extra, log_path=LOG_DIR / f"{name}.log") as server:
+    # Tests of Triton kernels set TRITON_INTERPRET in this process; servers must not inherit it.
+    env = {"TRITON_INTERPRET": None}
+    with LaunchedServer(str(model), extra, log_path=LOG_DIR / f"{name}.log", env=env) as server:
         yield server

@@ -1,0 +1,34 @@
+"""The in-graph part of ESamp for one decode step: distiller forward, latent mix, novelty.
+
+``distill_and_mix`` is what the server calls between the final norm and the LM head. It runs
+the fused Triton kernel on CUDA for the plain mix, and the torch path otherwise (CPU, or the
+other mix variants). Both are graph-safe: persistent inputs, fixed shapes, no host syncs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from esamp_sgl.config import MixVariant
+from esamp_sgl.distiller import Params, distiller_forward
+from esamp_sgl.mix import mix_hidden, novelty
+
+
+def distill_and_mix_torch(params: Params, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor,
+                          beta: torch.Tensor, variant: MixVariant = "plain"
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h_mix, ĥ, novelty) per row. Rows with β = 0: h_mix = h bit for bit, ĥ = h, novelty 0."""
+    h_hat = distiller_forward(params, x.to(torch.float32), slot.clamp_min(0))
+    active = (beta != 0).unsqueeze(-1)
+    h_hat = torch.where(active, h_hat, h.to(torch.float32))
+    return mix_hidden(h, h_hat, beta, variant), h_hat, novelty(h, h_hat)
+
+
+def distill_and_mix(params: Params, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor,
+                    beta: torch.Tensor, variant: MixVariant = "plain"
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if h.is_cuda and variant == "plain":
+        from esamp_sgl.kernels.distill_mix import distill_mix_triton
+
+        return distill_mix_triton(params, x, h, slot, beta)
+    return distill_and_mix_torch(params, x, h, slot, beta, variant)

@@ -1,0 +1,245 @@
+"""The engine-agnostic ESamp core: distiller bank, slots, training lane, mix (torch paths)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from esamp_sgl.config import ESampConfig, bytes_per_group
+from esamp_sgl.distiller import DistillerBank, distiller_forward, init_slot
+from esamp_sgl.lane import DeferredLane
+from esamp_sgl.latent_step import distill_and_mix_torch
+from esamp_sgl.mix import candidate_mask, mix_hidden, novelty, post_filter_logits
+from esamp_sgl.slots import NoFreeSlot, SlotTable
+
+D = 24
+
+
+def _data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=gen)
+    target_map = torch.randn(D, D, generator=gen) / math.sqrt(D)
+    return x, torch.nn.functional.layer_norm(torch.tanh(x @ target_map), (D,))
+
+
+def _same_weights(bank: DistillerBank, slot: int, other: DistillerBank, other_slot: int) -> bool:
+    return all(torch.equal(p[slot], q[other_slot]) for p, q in zip(bank.params, other.params))
+
+
+# --- mix -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["plain", "orthogonal", "rescaled", "tempered"])
+def test_beta_zero_rows_are_bit_identical(variant):
+    h, h_hat = torch.randn(6, D), torch.randn(6, D)
+    beta = torch.tensor([0.0, 0.5, 0.0, 1.0, 2.0, 0.0])
+    out = mix_hidden(h, h_hat, beta, variant)
+    assert torch.equal(out[beta == 0], h[beta == 0])
+    assert not torch.equal(out[beta > 0], h[beta > 0])
+
+
+def test_plain_mix_equals_contrastive_logits():
+    h, h_hat, W = torch.randn(5, D), torch.randn(5, D), torch.randn(50, D)
+    beta = torch.tensor([0.0, 0.1, 0.5, 1.0, 3.0])
+    logits = mix_hidden(h, h_hat, beta) @ W.T
+    b = beta.unsqueeze(-1)
+    torch.testing.assert_close(logits, (1 + b) * (h @ W.T) - b * (h_hat @ W.T), rtol=1e-5, atol=1e-4)
+
+
+def test_mix_variants_do_what_they_promise():
+    h, h_hat = torch.randn(4, D), torch.randn(4, D)
+    beta = torch.full((4,), 0.7)
+    ortho = mix_hidden(h, h_hat, beta, "orthogonal")
+    torch.testing.assert_close((ortho * h).sum(-1), (h * h).sum(-1))  # nothing added along h
+    torch.testing.assert_close(mix_hidden(h, h_hat, beta, "rescaled").norm(dim=-1), h.norm(dim=-1))
+    torch.testing.assert_close(mix_hidden(h, h_hat, beta, "tempered"), mix_hidden(h, h_hat, beta) / 1.7)
+    # with ĥ = h (a fully familiar path) the mix adds nothing; 'tempered' still divides by 1+β
+    for variant in ("plain", "orthogonal", "rescaled"):
+        torch.testing.assert_close(mix_hidden(h, h.clone(), beta, variant), h)
+    torch.testing.assert_close(mix_hidden(h, h.clone(), beta, "tempered"), h / 1.7)
+
+
+def test_novelty_is_relative_squared_error():
+    h = torch.tensor([[3.0, 4.0]])
+    assert novelty(h, torch.tensor([[3.0, 4.0]])).item() == 0.0
+    assert novelty(h, torch.tensor([[0.0, 0.0]])).item() == pytest.approx(1.0)
+
+
+def test_candidate_mask_matches_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.4, 0.3, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1]]))
+    one = torch.ones(3)
+    keep = candidate_mask(logits, top_k=torch.tensor([2, 0, 0]), top_p=torch.tensor([1.0, 0.75, 1.0]),
+                          min_p=torch.tensor([0.0, 0.0, 0.2]), temperature=one)
+    assert keep.tolist() == [[True, True, False, False], [True, True, True, False], [True, False, False, False]]
+
+
+def test_post_filter_reweights_only_candidates():
+    gen = torch.Generator().manual_seed(1)
+    W, h, h_hat = torch.randn(30, D, generator=gen), torch.randn(3, D, generator=gen), torch.randn(3, D, generator=gen)
+    logits = h @ W.T
+    beta = torch.tensor([0.0, 0.5, 1.0])
+    keep = candidate_mask(logits, torch.tensor([5, 5, 3]), torch.ones(3), torch.zeros(3), torch.ones(3))
+    out = post_filter_logits(logits, h_hat, W, beta, keep)
+    assert torch.equal(out[0], logits[0])  # β = 0: untouched, no filter
+    full = (1 + beta.unsqueeze(-1)) * logits - beta.unsqueeze(-1) * (h_hat @ W.T)
+    for row in (1, 2):
+        torch.testing.assert_close(out[row][keep[row]], full[row][keep[row]], rtol=1e-5, atol=1e-4)
+        assert torch.isinf(out[row][~keep[row]]).all()
+
+
+# --- distiller bank ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_training_lowers_the_loss(optimizer):
+    bank = DistillerBank(2, D, ESampConfig(rank=8, optimizer=optimizer, lr=0.5 if optimizer == "sgd" else 3e-3))
+    x, h = _data(16)
+    slot = torch.zeros(16, dtype=torch.int64)
+    bank.train_step(x, h, slot)
+    first = bank.losses()[0]
+    for _ in range(60):
+        bank.train_step(x, h, slot)
+    assert bank.losses()[0] < 0.5 * first
+    assert bank.train_steps == 61
+
+
+def test_groups_in_one_batch_never_influence_each_other():
+    x, h = _data(12)
+    slot = torch.tensor([0, 1] * 6)
+    shared, alone = (DistillerBank(3, D, ESampConfig(rank=8, optimizer="adamw")) for _ in range(2))
+    for _ in range(5):
+        shared.train_step(x, h, slot)
+        alone.train_step(x[slot == 0], h[slot == 0], slot[slot == 0])
+    assert _same_weights(shared, 0, alone, 0)
+    assert not _same_weights(shared, 1, alone, 1)  # slot 1 trained only in the shared bank
+    assert _same_weights(shared, 2, alone, 2)  # an unused slot stays at its start
+
+
+def test_rows_without_group_are_skipped():
+    x, h = _data(8)
+    bank, ref = (DistillerBank(2, D, ESampConfig(rank=8)) for _ in range(2))
+    bank.train_step(x, h, torch.tensor([0, -1] * 4))
+    ref.train_step(x[::2], h[::2], torch.zeros(4, dtype=torch.int64))
+    assert _same_weights(bank, 0, ref, 0)
+
+
+def test_nan_input_resets_only_its_slot():
+    x, h = _data(8)
+    bank = DistillerBank(2, D, ESampConfig(rank=8, lr=0.1))
+    slot = torch.tensor([0, 1] * 4)
+    bank.train_step(x, h, slot)
+    x_bad = x.clone()
+    x_bad[0, 3] = float("nan")  # a row of slot 0
+    bank.train_step(x_bad, h, slot)
+    fresh = DistillerBank(2, D, ESampConfig(rank=8, lr=0.1))
+    assert _same_weights(bank, 0, fresh, 0)  # slot 0 was reset to its start
+    assert not _same_weights(bank, 1, fresh, 1)  # slot 1 kept training
+    assert all(torch.isfinite(p).all() for p in bank.params)
+    assert int(bank.reset_count) == 1
+
+
+def test_warm_up_takes_the_configured_steps():
+    x, h = _data(6)
+    bank = DistillerBank(2, D, ESampConfig(rank=8, warmup_steps=3))
+    bank.warm_up(x, h, slot=1)
+    assert bank.train_steps == 3 and bank.slot_steps.tolist() == [0, 3]
+
+
+def test_inits_have_the_distiller_shapes():
+    cfg = ESampConfig(rank=4)
+    mlp = {"gate_proj": torch.randn(40, D), "up_proj": torch.randn(40, D), "down_proj": torch.randn(D, 40)}
+    svd = init_slot(D, ESampConfig(rank=4, init="svd"), mlp=mlp)
+    rnd = init_slot(D, cfg)
+    assert {k: v.shape for k, v in svd.items()} == {k: v.shape for k, v in rnd.items()}
+    base = DistillerBank(1, D, ESampConfig(rank=4, init="base"), base={k: v * 2 for k, v in rnd.items()})
+    torch.testing.assert_close(base.params[0][0], rnd["A"] * 2)
+    with pytest.raises(ValueError, match="base distiller"):
+        init_slot(D, ESampConfig(init="base"))
+
+
+def test_memory_per_group_at_7b_width_is_within_budget():
+    assert bytes_per_group(4096, ESampConfig()) <= 2 * 1024 * 1024
+    assert bytes_per_group(4096, ESampConfig(optimizer="adamw")) == 3 * bytes_per_group(4096, ESampConfig())
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ValueError, match="mix="):
+        ESampConfig(mix="loud")
+
+
+# --- slots -------------------------------------------------------------------------------------
+
+def test_slots_evict_least_recently_used_and_stay_bounded():
+    now = [0.0]
+    table = SlotTable(2, ttl=100.0, clock=lambda: now[0])
+    a, fresh_a = table.acquire("a")
+    b, _ = table.acquire("b")
+    assert fresh_a and {a, b} == {0, 1}
+    again, fresh = table.acquire("a")
+    assert (again, fresh) == (a, False)
+    table.release("a"), table.release("a"), table.release("b")
+    table.acquire("a"), table.release("a")  # a is now more recent than b
+    c, fresh_c = table.acquire("c")
+    assert fresh_c and c == b and "b" not in table and table.evictions == 1 and len(table) == 2
+
+
+def test_pinned_slots_are_never_evicted_and_ttl_frees():
+    now = [0.0]
+    table = SlotTable(1, ttl=10.0, clock=lambda: now[0])
+    table.acquire("a")
+    with pytest.raises(NoFreeSlot):
+        table.acquire("b")
+    table.release("a")
+    now[0] = 11.0
+    assert table.expire() == [0] and len(table) == 0
+
+
+# --- lane --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_staleness_is_exactly_k(k):
+    """The prediction at step t must come from the weights after jobs 0 … t−1−k."""
+    cfg = ESampConfig(rank=8, lr=0.05, staleness=k)
+    lane_bank, ref_bank = DistillerBank(1, D, cfg), DistillerBank(1, D, cfg)
+    lane = DeferredLane(lane_bank, k)
+    slot = torch.zeros(4, dtype=torch.int64)
+    probe = _data(4, seed=99)[0]
+    history = [distiller_forward(ref_bank.params, probe, slot)]  # history[j]: after j jobs
+    jobs = [_data(4, seed=t) for t in range(8)]
+    for x, h in jobs:
+        ref_bank.train_step(x, h, slot)
+        history.append(distiller_forward(ref_bank.params, probe, slot))
+    for t, (x, h) in enumerate(jobs):
+        assert lane.begin_step() == t
+        seen = lane_bank.predict(probe, slot)
+        assert torch.equal(seen, history[max(0, t - k)]), t
+        lane.submit(x, h, slot)
+    lane.flush()
+    assert lane.lag == 0 and torch.equal(lane_bank.predict(probe, slot), history[-1])
+
+
+def test_lane_copies_inputs_at_submit():
+    bank = DistillerBank(1, D, ESampConfig(rank=8))
+    lane = DeferredLane(bank, staleness=1)
+    lane.begin_step()
+    x, h = _data(3)
+    lane.submit(x, h, torch.zeros(3, dtype=torch.int64))
+    x.fill_(float("nan"))  # the caller's buffer is overwritten by the next step
+    lane.flush()
+    assert int(bank.reset_count) == 0
+
+
+# --- graph safety ------------------------------------------------------------------------------
+
+def test_in_graph_step_compiles_fullgraph_without_breaks():
+    torch._dynamo.reset()
+    bank = DistillerBank(3, D, ESampConfig(rank=8))
+    compiled = torch.compile(distill_and_mix_torch, fullgraph=True, backend="aot_eager", dynamic=False)
+    x, h = _data(5)
+    slot = torch.tensor([0, 2, -1, 1, 0])
+    beta = torch.tensor([0.5, 1.0, 0.0, 0.2, 0.0])
+    for variant in ("plain", "orthogonal"):
+        got = compiled(bank.params, x, h, slot, beta, variant)
+        want = distill_and_mix_torch(bank.params, x, h, slot, beta, variant)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)

@@ -1,0 +1,65 @@
+"""Triton kernels against their torch references: on CPU under TRITON_INTERPRET=1, on CUDA natively.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated and when it runs, so on CPU the flag is
+set for this process before the kernel module is imported (tests/conftest.py keeps it out of the
+servers it starts).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from esamp_sgl.config import ESampConfig
+from esamp_sgl.distiller import DistillerBank
+from esamp_sgl.latent_step import distill_and_mix_torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from esamp_sgl.kernels.distill_mix import distill_mix_triton  # noqa: E402
+
+
+def _bank(slots: int, d: int, r: int, seed: int) -> DistillerBank:
+    bank = DistillerBank(slots, d, ESampConfig(rank=r, init_std=0.2), seed=seed, device=DEVICE)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for p in bank.params:  # make slots differ from each other and from the identity LayerNorm
+        p += (torch.randn(p.shape, generator=gen) * 0.1).to(DEVICE)
+    return bank
+
+
+@pytest.mark.parametrize("n,d,r,slots", [(1, 16, 4, 1), (5, 48, 8, 3), (13, 72, 12, 4), (33, 130, 16, 2)])
+def test_fused_distill_mix_matches_torch(n, d, r, slots):
+    bank = _bank(slots, d, r, seed=n)
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(n, d, generator=gen)
+    h = torch.randn(n, d, generator=gen)
+    slot = torch.randint(0, slots, (n,), generator=gen)
+    beta = torch.rand(n, generator=gen) * 2
+    beta[::3] = 0.0  # mixed β = 0 rows
+    slot[::3] = -1  # …which need no slot
+
+    out, h_hat, nov = distill_mix_triton(bank.params, x, h, slot, beta)
+    ref_out, ref_hat, ref_nov = distill_and_mix_torch(bank.params, x, h, slot, beta)
+
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h_hat, ref_hat, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(nov, ref_nov, rtol=1e-4, atol=1e-5)
+    zero = beta == 0
+    assert torch.equal(out[zero], h[zero])  # bit-identical, not just close
+
+
+def test_fused_kernel_keeps_half_precision_h():
+    bank = _bank(2, 32, 8, seed=3)
+    h = torch.randn(4, 32).to(torch.float16)
+    x = torch.randn(4, 32)
+    slot = torch.tensor([0, 1, 0, 1])
+    beta = torch.tensor([0.0, 0.5, 1.0, 0.0])
+    out, _, _ = distill_mix_triton(bank.params, x, h, slot, beta)
+    ref, _, _ = distill_and_mix_torch(bank.params, x, h, slot, beta)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+    assert torch.equal(out[beta == 0], h[beta == 0])
