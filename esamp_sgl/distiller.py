@@ -7,6 +7,8 @@ row s of each bank tensor, so one call serves a batch whatever its mix of groups
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +18,13 @@ PARAM_NAMES = ("A", "G", "b", "B", "ln_w", "ln_b")
 Params = tuple[torch.Tensor, ...]  # in PARAM_NAMES order, each with a leading slot dimension
 
 
+def _distill(x: torch.Tensor, A: torch.Tensor, G: torch.Tensor, b: torch.Tensor, B: torch.Tensor,
+             ln_w: torch.Tensor, ln_b: torch.Tensor) -> torch.Tensor:
+    """The distiller on x [..., n, d] with weights A, G [..., d, r], b [..., 1, r] or [r], B [..., r, d]."""
+    y = x + torch.matmul(torch.matmul(x, A) * F.silu(torch.matmul(x, G) + b), B)
+    return F.layer_norm(y, (y.shape[-1],)) * ln_w + ln_b
+
+
 def distiller_forward(params: Params, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     """ĥ for rows x [N, d], row i using slot[i]. Graph-safe: fixed shapes, no host syncs.
 
@@ -23,11 +32,36 @@ def distiller_forward(params: Params, x: torch.Tensor, slot: torch.Tensor) -> to
     counts of one decode step; the Triton kernel avoids the gather on GPU.
     """
     A, G, b, B, ln_w, ln_b = (p.index_select(0, slot) for p in params)
-    xr = x.unsqueeze(1)  # [N, 1, d]
-    up = torch.bmm(xr, A)  # [N, 1, r]
-    gate = torch.bmm(xr, G) + b.unsqueeze(1)
-    y = x + torch.bmm(up * F.silu(gate), B).squeeze(1)  # [N, d]
-    return F.layer_norm(y, (y.shape[-1],)) * ln_w + ln_b
+    return _distill(x.unsqueeze(1), A, G, b.unsqueeze(1), B, ln_w.unsqueeze(1), ln_b.unsqueeze(1)).squeeze(1)
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    """Rows of one batch grouped by slot, built on the host: [L, n] row indices padded with N."""
+
+    live: torch.Tensor  # [L] distinct slots ≥ 0, sorted
+    index: torch.Tensor  # [L, n] row indices into x; padding points at row N (a zero row)
+    valid: torch.Tensor  # [L, n] False on padding
+
+    @classmethod
+    def of(cls, slot: torch.Tensor | list[int], device: torch.device) -> "RowGroups":
+        slot = torch.as_tensor(slot, device="cpu")
+        live = torch.unique(slot[slot >= 0])
+        members = [(slot == s).nonzero().squeeze(1) for s in live.tolist()]
+        width = max((len(m) for m in members), default=0)
+        index = torch.full((len(live), width), len(slot), dtype=torch.int64)
+        for i, m in enumerate(members):
+            index[i, : len(m)] = m
+        return cls(live.to(device), index.to(device), (index < len(slot)).to(device))
+
+
+def distiller_forward_grouped(params: Params, x: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+    """ĥ [L, n, d] for the grouped rows: one batched product per weight, no per-row weight gather
+    (which costs r times more memory traffic). Eager only: the grouping is data-dependent."""
+    L, n = groups.index.shape
+    rows = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, groups.index.flatten()).view(L, n, -1)
+    A, G, b, B, ln_w, ln_b = params
+    return _distill(rows, A, G, b.unsqueeze(1), B, ln_w.unsqueeze(1), ln_b.unsqueeze(1))
 
 
 def init_slot(d: int, cfg: ESampConfig, *, generator: torch.Generator | None = None,
@@ -99,39 +133,34 @@ class DistillerBank:
     def predict(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         return distiller_forward(self.params, x.to(torch.float32), slot)
 
-    def train_step(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor,
-                   live: torch.Tensor | None = None) -> None:
+    def train_step(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor | list[int]) -> None:
         """One optimizer step per slot present in ``slot`` (rows with slot < 0 are skipped).
 
-        Each slot's loss is the mean over its own rows of the per-row MSE (fp32), so a slot's
-        update does not depend on how many rows other groups had. A slot whose weights become
-        non-finite is reset and counted. ``live`` (the sorted distinct slots ≥ 0, known on the
-        host from the batch) avoids the host sync of computing it here; the step is then
-        sync-free, so a CUDA side stream never blocks the host. Losses before the step land in
-        ``last_loss`` as (slots, losses) tensors.
+        ``slot`` is read on the host (a CPU tensor or list, as the scheduler knows it), so that
+        grouping rows by slot costs no device sync and a CUDA side stream never blocks the host.
+        Each slot's loss is the MSE over its own rows (fp32): a slot's update does not depend on
+        other groups' rows. A slot whose weights become non-finite is reset and counted.
+        Losses before the step land in ``last_loss`` as (slots, losses) tensors.
         """
-        if live is None:
-            live = torch.unique(slot[slot >= 0])
-        if len(live) == 0:
+        groups = RowGroups.of(slot, self.device)
+        if len(groups.live) == 0:
             return
-        # Rows with slot < 0 go to a spare bucket past the live slots (template weights, loss dropped).
-        rows_slot = torch.where(slot >= 0, torch.searchsorted(live, slot.clamp_min(0)), len(live))
-        n_buckets = len(live) + 1
         with torch.inference_mode(False), torch.enable_grad():
-            x, h = x.to(torch.float32).clone(), h.to(torch.float32).clone()  # no inference tensors
+            # The server loop runs in inference mode; autograd needs ordinary tensors: clone.
+            x, h = x.to(torch.float32).clone(), h.to(torch.float32).clone()
+            target = torch.cat([h, h.new_zeros(1, h.shape[1])]).index_select(0, groups.index.flatten())
+            target = target.view(*groups.index.shape, -1)
+            valid = groups.valid.to(torch.float32)
             for step in range(self.cfg.steps_per_decode):
-                sub = tuple(p.index_select(0, live).clone().requires_grad_(True) for p in self.params)
-                with_spare = tuple(torch.cat([s, t.unsqueeze(0)]) for s, t in zip(sub, self.template))
-                row_loss = (distiller_forward(with_spare, x, rows_slot) - h).pow(2).mean(dim=1)
-                sums = torch.zeros(n_buckets, device=x.device).index_add_(0, rows_slot, row_loss)
-                counts = torch.zeros(n_buckets, device=x.device).index_add_(0, rows_slot, torch.ones_like(row_loss))
-                slot_loss = (sums / counts.clamp_min(1))[:-1]
+                sub = tuple(p.index_select(0, groups.live).clone().requires_grad_(True) for p in self.params)
+                row_loss = (distiller_forward_grouped(sub, x, groups) - target).pow(2).mean(-1) * valid
+                slot_loss = row_loss.sum(1) / valid.sum(1)
                 if step == 0:
-                    self.last_loss = (live, slot_loss.detach())
+                    self.last_loss = (groups.live, slot_loss.detach())
                 grads = torch.autograd.grad(slot_loss.sum(), sub)
                 with torch.no_grad():
-                    self._apply_update(live, sub, grads)
-        self._reset_non_finite(live)
+                    self._apply_update(groups.live, sub, grads)
+        self._reset_non_finite(groups.live)
         self.train_steps += 1
 
     def warm_up(self, x: torch.Tensor, h: torch.Tensor, slot: int) -> None:
@@ -165,13 +194,17 @@ class DistillerBank:
             m_bank[live], v_bank[live] = m, v
 
     def _reset_non_finite(self, live: torch.Tensor) -> None:
-        """Reset live slots whose weights are not all finite, without a host sync."""
-        finite = torch.ones(len(live), dtype=torch.bool, device=self.device)
-        for p in self.params:
-            finite &= torch.isfinite(p[live]).flatten(1).all(dim=1)
+        """Reset live slots whose weights are not all finite (a NaN/inf reaches the slot's sum)."""
+        finite = torch.stack([p.index_select(0, live).flatten(1).sum(1) for p in self.params]).isfinite().all(0)
+        if self.device.type == "cpu":
+            bad = live[~finite]
+            if len(bad):
+                self.reset_slots(bad)
+                self.reset_count += len(bad)
+            return
+        # On CUDA, without a host sync: every live slot is rewritten, bad ones from the template.
         for p, t in zip(self.params, self.template):
-            keep = finite.view((-1,) + (1,) * t.dim())
-            p[live] = torch.where(keep, p[live], t)
+            p[live] = torch.where(finite.view((-1,) + (1,) * t.dim()), p[live], t)
         for moments in self.state:
             for m in moments:
                 m[live] = torch.where(finite.view((-1,) + (1,) * (m.dim() - 1)), m[live], 0)

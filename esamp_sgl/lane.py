@@ -30,8 +30,7 @@ class Job:
     step: int
     x: torch.Tensor
     h: torch.Tensor
-    slot: torch.Tensor
-    live: torch.Tensor | None  # distinct slots ≥ 0, sorted; known on the host from the batch
+    slot: torch.Tensor  # on the host (CPU): the bank groups rows by slot without a device sync
 
 
 class DeferredLane:
@@ -47,11 +46,13 @@ class DeferredLane:
         self._apply_through(self.step - 1 - self.staleness)
         return self.step
 
-    def submit(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor, live: torch.Tensor | None = None) -> None:
-        """Queue this step's rows for training. Copies now: the caller's buffers get reused."""
+    def submit(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor | list[int]) -> None:
+        """Queue this step's rows for training. Copies now: the caller's buffers get reused.
+        ``slot`` is the host-side per-row slot list of this step."""
         if self.step < 0:
             raise RuntimeError("submit() before begin_step()")
-        self._queue.append(Job(self.step, x.detach().clone(), h.detach().clone(), slot.detach().clone(), live))
+        slot_host = torch.tensor(slot, dtype=torch.int64) if isinstance(slot, list) else slot.detach().cpu().clone()
+        self._queue.append(Job(self.step, x.detach().clone(), h.detach().clone(), slot_host))
 
     def flush(self) -> None:
         """Apply every queued job (e.g. when no decode step will follow)."""
@@ -65,7 +66,7 @@ class DeferredLane:
     def _apply_through(self, last: int) -> None:
         while self._queue and self._queue[0].step <= last:
             job = self._queue.popleft()
-            self.bank.train_step(job.x, job.h, job.slot, job.live)
+            self.bank.train_step(job.x, job.h, job.slot)
             self.applied_through = job.step
 
 
@@ -97,10 +98,8 @@ class CudaStreamLane(DeferredLane):
         self._launch_ready()
         return self.step
 
-    def submit(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor, live: torch.Tensor | None = None) -> None:
-        if live is None:  # computing it on the side stream would make the host wait for the GPU
-            live = torch.unique(slot[slot >= 0])
-        super().submit(x, h, slot, live)  # copies on the main stream, ordered before the next replay
+    def submit(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor | list[int]) -> None:
+        super().submit(x, h, slot)  # copies on the main stream, ordered before the next replay
         ready = torch.cuda.Event()
         ready.record(self.main)
         self._queue[-1].ready = ready
@@ -116,7 +115,8 @@ class CudaStreamLane(DeferredLane):
             with torch.cuda.stream(self.side):
                 self.side.wait_event(job.ready)
                 self.side.wait_event(gate)
-                self.bank.train_step(job.x, job.h, job.slot, job.live)
+                self.bank.train_step(job.x, job.h, job.slot)
                 done = torch.cuda.Event()
                 done.record(self.side)
-            self._trained[job.step] = (done, job.live)
+            live = torch.unique(job.slot[job.slot >= 0]).to(self.bank.device, non_blocking=True)
+            self._trained[job.step] = (done, live)

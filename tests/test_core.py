@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from esamp_sgl.config import ESampConfig, bytes_per_group
-from esamp_sgl.distiller import DistillerBank, distiller_forward, init_slot
+from esamp_sgl.distiller import DistillerBank, RowGroups, distiller_forward, init_slot
 from esamp_sgl.lane import DeferredLane
 from esamp_sgl.latent_step import distill_and_mix_torch
 from esamp_sgl.mix import candidate_mask, mix_hidden, novelty, post_filter_logits
@@ -243,3 +243,27 @@ def test_in_graph_step_compiles_fullgraph_without_breaks():
         want = distill_and_mix_torch(bank.params, x, h, slot, beta, variant)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w)
+
+
+def test_training_works_from_inference_mode():
+    """The scheduler loop runs under inference_mode; training must still run there."""
+    bank = DistillerBank(2, D, ESampConfig(rank=8, lr=0.5))
+    with torch.inference_mode():
+        x, h = _data(8)
+        lane = DeferredLane(bank, staleness=0)
+        lane.begin_step()
+        lane.submit(x, h, torch.tensor([0, 1] * 4))
+        lane.flush()
+    assert bank.train_steps == 1 and bank.slot_steps.tolist() == [1, 1]
+
+
+def test_grouped_cpu_path_equals_the_graph_safe_path():
+    bank = DistillerBank(4, D, ESampConfig(rank=8, init_std=0.3))
+    x, h = _data(9)
+    slot = torch.tensor([2, 0, -1, 2, 3, 0, -1, 2, 3])
+    beta = torch.tensor([0.5, 1.0, 0.0, 0.2, 0.0, 0.7, 0.0, 1.5, 0.3])
+    groups = RowGroups.of(slot, torch.device("cpu"))
+    assert groups.live.tolist() == [0, 2, 3] and groups.index.shape == (3, 3)
+    for got, want in zip(distill_and_mix_torch(bank.params, x, h, slot, beta, groups=groups),
+                         distill_and_mix_torch(bank.params, x, h, slot, beta)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
