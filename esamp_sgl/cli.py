@@ -38,9 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esamp-sgl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="launch SGLang's server; every SGLang flag passes through",
-                           description="Launch SGLang's HTTP server. Unknown flags go to SGLang unchanged; "
-                                       "without a GPU, CPU defaults are added for flags not given.")
+    from esamp_sgl.serve import esamp_flag_help
+
+    serve = sub.add_parser("serve", help="launch SGLang's server with ESamp; every SGLang flag passes through",
+                           description="Launch SGLang's HTTP server with ESamp (unless --no-esamp). Unknown flags "
+                                       "go to SGLang unchanged; without a GPU, CPU defaults are added for flags not "
+                                       "given. ESamp flags: " + esamp_flag_help())
     serve.add_argument("--model", help="known model name (see `esamp-sgl models list`) or checkpoint dir")
     serve.set_defaults(func=_cmd_serve, passthrough=True)
 

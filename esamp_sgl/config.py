@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import json
+import os
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 Init = Literal["random", "svd", "base"]
 MixVariant = Literal["plain", "orthogonal", "rescaled", "tempered"]
 FilterMode = Literal["pre", "post"]
 Optimizer = Literal["sgd", "adamw"]
+Source = Literal["embed"]
 
 INITS: tuple[str, ...] = ("random", "svd", "base")
 MIX_VARIANTS: tuple[str, ...] = ("plain", "orthogonal", "rescaled", "tempered")
 FILTER_MODES: tuple[str, ...] = ("pre", "post")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
+SOURCES: tuple[str, ...] = ("embed",)
+
+# The server processes SGLang spawns read ESamp's config from this variable; its presence is
+# what switches ESamp on (a plain `python -m sglang.launch_server` does not set it).
+ENV_VAR = "ESAMP_SGL_CONFIG"
 
 
 @dataclass(frozen=True)
 class ESampConfig:
     """How distillers are built, trained and mixed in. Defaults are the reference recipe,
-    except rank 32 + SGD, which keeps a group at ≈ 1.6 MB at d = 4096 (see bytes_per_group)."""
+    except rank 32 + SGD, which keeps a group at ≈ 1.6 MB at d = 4096 (see bytes_per_group).
+
+    source "embed": the shallow state is the layer-0 input norm of the token embedding (the
+    reference's choice; context-free, computed from input ids)."""
 
     rank: int = 32
     init: Init = "random"
@@ -33,7 +44,9 @@ class ESampConfig:
     mix: MixVariant = "plain"
     filter_mode: FilterMode = "pre"
     max_groups: int = 64
+    group_ttl: float = 600.0
     max_beta: float = 4.0
+    source: Source = "embed"
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "rank", self.rank, "must be >= 1")
@@ -47,10 +60,21 @@ class ESampConfig:
         _check(self.staleness >= 0, "staleness", self.staleness, "must be >= 0")
         _check(self.max_groups >= 1, "max_groups", self.max_groups, "must be >= 1")
         _check(self.max_beta > 0, "max_beta", self.max_beta, "must be > 0")
+        _check(self.group_ttl >= 0, "group_ttl", self.group_ttl, "must be >= 0")
+        _check(self.source in SOURCES, "source", self.source, f"must be one of {SOURCES}")
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> "ESampConfig | None":
+        """The config ``esamp-sgl serve`` handed to this process, or None when ESamp is off."""
+        raw = os.environ.get(ENV_VAR)
+        return None if raw is None else cls(**json.loads(raw))
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:

@@ -11,23 +11,17 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import requests
-
-from esamp_sgl.serve import server_command, server_env
+from esamp_sgl.serve import build_launch
+from esamp_sgl.server_check import ServerNotReady, check_esamp_active, wait_healthy
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class ServerStartError(RuntimeError):
-    pass
 
 
 class LaunchedServer:
@@ -40,29 +34,22 @@ class LaunchedServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = server_command(model, [*sglang_args, "--host", "127.0.0.1", "--port", str(self.port)])
+        launch = build_launch(model, [*sglang_args, "--host", "127.0.0.1", "--port", str(self.port)])
+        self.esamp = launch.esamp
         self._log = open(self.log_path, "w")
-        merged = {**server_env(), **(env or {})}
-        self.process = subprocess.Popen(cmd, env={k: v for k, v in merged.items() if v is not None}, stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        merged = {**launch.env, **(env or {})}
+        self.process = subprocess.Popen(launch.command, env={k: v for k, v in merged.items() if v is not None},
+                                        stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            self._wait_healthy(startup_timeout)
+            wait_healthy(self.url, self.process, startup_timeout)
+            if self.esamp is not None:
+                check_esamp_active(self.url)
+        except ServerNotReady as e:
+            self.stop()
+            raise ServerNotReady(f"{e}; server log:\n{self.log_tail()}") from e
         except BaseException:
             self.stop()
             raise
-
-    def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerStartError(f"server exited with {self.process.returncode}; log:\n{self.log_tail()}")
-            try:
-                if requests.get(self.url + "/health_generate", timeout=30).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1.0)
-        raise ServerStartError(f"server not healthy after {timeout:.0f}s; log:\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 6000) -> str:
         self._log.flush()

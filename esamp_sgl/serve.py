@@ -1,16 +1,23 @@
 """Build and run the SGLang server command behind ``esamp-sgl serve``.
 
-Every SGLang flag is passed through unchanged. Where there is no GPU, CPU defaults that were
-observed to work on these machines are added for flags the user did not set.
+Every SGLang flag is passed through unchanged. ``--esamp-*`` flags (one per ESampConfig field)
+configure ESamp, which is on unless ``--no-esamp`` is given; the config reaches every process
+SGLang spawns through the ESAMP_SGL_CONFIG environment variable, read by the runtime patch.
+Where there is no GPU, CPU defaults observed to work on these machines are added for flags the
+user did not set.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
+from esamp_sgl.config import ENV_VAR, ESampConfig
 from esamp_sgl.models import resolve
 
 # Flags (and values) that make SGLang 0.5.23 run on a CPU without AMX and without sgl_kernel's
@@ -27,6 +34,16 @@ CPU_DEFAULTS: dict[str, str | None] = {
     "--host": "127.0.0.1",
 }
 CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}  # without it rotary embedding reaches vllm ops
+# ESamp's mix runs in Python between the final norm and the LM head; SGLang's decode CUDA graph
+# would replay the model without it, so ESamp turns that graph off on GPU.
+GPU_ESAMP_DEFAULTS: dict[str, str | None] = {"--cuda-graph-backend-decode": "disabled"}
+
+
+@dataclass(frozen=True)
+class ServerLaunch:
+    command: list[str]
+    env: dict[str, str]
+    esamp: ESampConfig | None
 
 
 def has_gpu() -> bool:
@@ -39,32 +56,95 @@ def _given(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
-def server_command(model: str | None, sglang_args: Sequence[str], *, cpu: bool | None = None) -> list[str]:
-    """The ``python -m sglang.launch_server ...`` argv for a model name/path plus SGLang flags."""
-    args = list(sglang_args)
+def _value(args: Sequence[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def _esamp_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--no-esamp", action="store_true")
+    defaults = ESampConfig()
+    for f in fields(ESampConfig):
+        default = getattr(defaults, f.name)
+        parser.add_argument("--esamp-" + f.name.replace("_", "-"), dest=f.name, type=type(default), default=default)
+    return parser
+
+
+def esamp_flag_help() -> str:
+    defaults = ESampConfig()
+    return "  ".join(f"--esamp-{f.name.replace('_', '-')} (default {getattr(defaults, f.name)})" for f in fields(ESampConfig))
+
+
+def split_esamp_args(args: Sequence[str]) -> tuple[ESampConfig | None, list[str]]:
+    """(ESamp config or None for --no-esamp, the remaining SGLang flags)."""
+    ns, rest = _esamp_parser().parse_known_args(list(args))
+    if ns.no_esamp:
+        return None, rest
+    return ESampConfig(**{f.name: getattr(ns, f.name) for f in fields(ESampConfig)}), rest
+
+
+def _refuse_unsupported(args: Sequence[str]) -> None:
+    for flag in ("--dp-size", "--dp"):
+        value = _value(args, flag)
+        if value is not None and int(value) > 1:
+            raise ValueError(f"ESamp keeps one distiller bank per scheduler; {flag} {value} would split a "
+                             "group's requests across data-parallel ranks. Use --dp-size 1 or --no-esamp.")
+    if _given(args, "--speculative-algorithm"):
+        raise ValueError("ESamp cannot run with speculative decoding (--speculative-algorithm); use --no-esamp.")
+
+
+def build_launch(model: str | None, args: Sequence[str], *, cpu: bool | None = None) -> ServerLaunch:
+    """The ``python -m sglang.launch_server ...`` command and environment for ``esamp-sgl serve``."""
+    esamp, args = split_esamp_args(args)
     if model is not None:
         if _given(args, "--model-path"):
             raise ValueError("give the model either as --model or as --model-path, not both")
         args = ["--model-path", str(resolve(model))] + args
     elif not _given(args, "--model-path"):
         raise ValueError("no model: pass --model NAME_OR_PATH (e.g. smollm2-135m) or --model-path")
-    if has_gpu() if cpu is None else not cpu:
-        return [sys.executable, "-m", "sglang.launch_server", *args]
-    for flag, value in CPU_DEFAULTS.items():
+    on_cpu = not has_gpu() if cpu is None else cpu
+    env = dict(os.environ)
+    env.pop(ENV_VAR, None)
+    defaults: dict[str, str | None] = {}
+    if on_cpu:
+        defaults.update(CPU_DEFAULTS)
+        env.update(CPU_ENV)
+    if esamp is not None:
+        _refuse_unsupported(args)
+        env[ENV_VAR] = esamp.to_env()
+        if not on_cpu:
+            defaults.update(GPU_ESAMP_DEFAULTS)
+    for flag, value in defaults.items():
         if not _given(args, flag):
             args += [flag] if value is None else [flag, value]
-    return [sys.executable, "-m", "sglang.launch_server", *args]
+    return ServerLaunch([sys.executable, "-m", "sglang.launch_server", *args], env, esamp)
 
 
-def server_env(*, cpu: bool | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    if not (has_gpu() if cpu is None else not cpu):
-        env.update(CPU_ENV)
-    return env
+def serve(model: str | None, args: Sequence[str]) -> int:
+    """Run the server in the foreground; with ESamp on, stop it if ESamp is not active in it."""
+    from esamp_sgl.server_check import EsampNotActive, wait_until_esamp_ready
 
-
-def serve(model: str | None, sglang_args: Sequence[str]) -> int:
-    """Run the server in the foreground until it exits; returns its exit code."""
-    cmd = server_command(model, sglang_args)
-    print("esamp-sgl serve:", " ".join(cmd), file=sys.stderr, flush=True)
-    return subprocess.call(cmd, env=server_env())
+    launch = build_launch(model, args)
+    print("esamp-sgl serve:", " ".join(launch.command), file=sys.stderr, flush=True)
+    process = subprocess.Popen(launch.command, env=launch.env)
+    if launch.esamp is not None:
+        url = f"http://{_value(launch.command, '--host') or '127.0.0.1'}:{_value(launch.command, '--port') or 30000}"
+        try:
+            wait_until_esamp_ready(url, process, timeout=600.0)
+            print(f"esamp-sgl serve: ESamp active in every scheduler at {url}", file=sys.stderr, flush=True)
+        except EsampNotActive as e:
+            print(f"esamp-sgl serve: error: {e}; stopping the server", file=sys.stderr, flush=True)
+            process.terminate()
+            process.wait(timeout=60)
+            return 1
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        time.sleep(0.5)
+        return process.wait()

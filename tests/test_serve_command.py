@@ -1,16 +1,18 @@
-"""`esamp-sgl serve`'s command line: CPU defaults are added, SGLang flags pass through."""
+"""`esamp-sgl serve`'s command line: CPU defaults are added, SGLang flags pass through,
+--esamp-* flags become the config every server process reads."""
 
 from __future__ import annotations
 
 import pytest
 
 from esamp_sgl.cli import main
-from esamp_sgl.serve import CPU_DEFAULTS, server_command
+from esamp_sgl.config import ENV_VAR, ESampConfig
+from esamp_sgl.serve import CPU_DEFAULTS, build_launch
 
 
 def test_cpu_defaults_fill_only_missing_flags(tiny_model_path):
-    cmd = server_command(str(tiny_model_path), ["--max-total-tokens=4096", "--dtype", "float32",
-                                                "--enable-metrics"], cpu=True)
+    cmd = build_launch(str(tiny_model_path), ["--max-total-tokens=4096", "--dtype", "float32",
+                                              "--enable-metrics"], cpu=True).command
     assert cmd[1:3] == ["-m", "sglang.launch_server"]
     assert cmd[cmd.index("--model-path") + 1] == str(tiny_model_path)
     assert "--max-total-tokens=4096" in cmd and cmd.count("--dtype") == 1
@@ -21,15 +23,37 @@ def test_cpu_defaults_fill_only_missing_flags(tiny_model_path):
 
 
 def test_gpu_command_passes_flags_unchanged(tiny_model_path):
-    cmd = server_command(str(tiny_model_path), ["--tp-size", "2"], cpu=False)
-    assert cmd[3:] == ["--model-path", str(tiny_model_path), "--tp-size", "2"]
+    launch = build_launch(str(tiny_model_path), ["--tp-size", "2", "--no-esamp"], cpu=False)
+    assert launch.command[3:] == ["--model-path", str(tiny_model_path), "--tp-size", "2"]
+    assert ENV_VAR not in launch.env and launch.esamp is None
+
+
+def test_esamp_flags_become_the_config_and_leave_sglang_flags(tiny_model_path):
+    launch = build_launch(str(tiny_model_path), ["--esamp-rank", "16", "--esamp-mix=orthogonal", "--tp-size", "1"],
+                          cpu=True)
+    assert launch.esamp == ESampConfig(rank=16, mix="orthogonal")
+    assert launch.env[ENV_VAR] == launch.esamp.to_env()
+    assert not any(a.startswith("--esamp") for a in launch.command)
+
+
+def test_bad_esamp_flag_value_names_the_field(tiny_model_path):
+    with pytest.raises(ValueError, match="mix='loud'"):
+        build_launch(str(tiny_model_path), ["--esamp-mix", "loud"], cpu=True)
+
+
+@pytest.mark.parametrize("flags,match", [(["--dp-size", "2"], "data-parallel"),
+                                         (["--speculative-algorithm", "EAGLE3"], "speculative")])
+def test_unsupported_setups_are_refused_with_esamp_on(tiny_model_path, flags, match):
+    with pytest.raises(ValueError, match=match):
+        build_launch(str(tiny_model_path), flags, cpu=True)
+    assert build_launch(str(tiny_model_path), flags + ["--no-esamp"], cpu=True).esamp is None
 
 
 def test_model_must_be_given_once(tiny_model_path):
     with pytest.raises(ValueError, match="not both"):
-        server_command(str(tiny_model_path), ["--model-path", "x"], cpu=True)
+        build_launch(str(tiny_model_path), ["--model-path", "x"], cpu=True)
     with pytest.raises(ValueError, match="no model"):
-        server_command(None, [], cpu=True)
+        build_launch(None, [], cpu=True)
 
 
 def test_unknown_model_is_a_clear_cli_error(tmp_path, capsys):

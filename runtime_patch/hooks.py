@@ -1,0 +1,140 @@
+"""The hook functions the plugin registers on SGLang 0.5.23 (see plugin.py for the targets).
+
+Main-process hooks validate and complete ``custom_params["esamp"]`` and turn per-token
+results into ``meta_info["esamp"]``; scheduler-process hooks own a SchedulerState and run
+the mix between the final norm and the LM head.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import torch
+
+from esamp_sgl import params as esamp_params
+from esamp_sgl.config import ESampConfig
+from runtime_patch.scheduler_state import SchedulerState
+
+TOKEN_KEY = "esamp_token"  # per-token customized_info key; summarized into meta_info["esamp"]
+
+_cfg: ESampConfig | None = None
+_state: SchedulerState | None = None
+
+
+def configure(cfg: ESampConfig) -> None:
+    global _cfg
+    _cfg = cfg
+
+
+# --- main process: requests and responses -----------------------------------------------------
+
+def validate_request(result: None, sampling_params: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER SamplingParams.verify (SGLang 0.5.23). A ValueError here becomes HTTP 400."""
+    esamp_params.parse(sampling_params.custom_params, _cfg.max_beta)
+
+
+def assign_default_group(tokenized: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER TokenizerManager._create_tokenized_object (SGLang 0.5.23), once per prompt.
+
+    Assumes the n samples of an n > 1 request and its prefix warm-up are shallow copies of this
+    object (tokenizer_manager._handle_batch_request), so one group id set here reaches them all.
+    """
+    sp = getattr(tokenized, "sampling_params", None)
+    custom = getattr(sp, "custom_params", None) or {}
+    explore = custom.get(esamp_params.KEY)
+    if isinstance(explore, dict) and explore.get("beta", 0) and not explore.get("group"):
+        sp.custom_params = {**custom, esamp_params.KEY: {**explore, "group": "req-" + uuid.uuid4().hex}}
+
+
+def summarize_meta_info(result: None, manager: Any, meta_info: dict, *args: Any, **kwargs: Any) -> None:
+    """AFTER TokenizerManager.update_request_meta_info (SGLang 0.5.23).
+
+    Per-token entries (accumulated by SGLang across stream chunks) become one summary:
+    meta_info["esamp"] = {group, beta, tokens_mixed, mean_novelty}; debug entries stay per token
+    in meta_info["esamp_debug"].
+    """
+    tokens = meta_info.pop(TOKEN_KEY, None)
+    entries = [t for t in tokens or [] if t]
+    if not entries:
+        return
+    meta_info["esamp"] = {
+        "group": entries[-1]["group"],
+        "beta": entries[-1]["beta"],
+        "tokens_mixed": len(entries),
+        "mean_novelty": sum(e["novelty"] for e in entries) / len(entries),
+    }
+    if "h" in entries[0]:
+        meta_info["esamp_debug"] = [{"h": e["h"], "h_hat": e["h_hat"], "novelty": e["novelty"]} for e in entries]
+
+
+# --- scheduler process: the decode path ---------------------------------------------------------
+
+def attach_to_worker(result: None, worker: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER TpModelWorker.__init__ (SGLang 0.5.23): build the state for the target model.
+
+    Raises (and so fails server startup) for models ESamp cannot read its shallow state from.
+    """
+    global _state
+    if kwargs.get("is_draft_worker") or _state is not None:
+        return
+    runner = worker.model_runner
+    _state = SchedulerState(_cfg, runner.model, torch.device(runner.device))
+
+
+def around_forward_batch(original: Any, worker: Any, batch: Any = None, *args: Any, **kwargs: Any) -> Any:
+    """AROUND TpModelWorker.forward_batch_generation (SGLang 0.5.23).
+
+    Makes ``batch.reqs`` (row order of the forward) visible to the logits hook for this call.
+    """
+    if _state is None or batch is None:
+        return original(worker, batch, *args, **kwargs)
+    _state.begin_batch(batch.reqs)
+    try:
+        return original(worker, batch, *args, **kwargs)
+    finally:
+        _state.end_batch()
+
+
+def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, hidden_states: torch.Tensor,
+                       lm_head: Any, logits_metadata: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND LogitsProcessor.forward (SGLang 0.5.23).
+
+    Assumes ``hidden_states`` is the final normalized state (rows: tokens of the batch, in
+    ``batch.reqs`` order) and ``logits_metadata`` the ForwardBatch. The sampled row of each
+    request — every row in decode, the last token of each request in extend — is replaced by
+    h_mix; penalties, grammar masks, logit_bias and temperature then apply to the mixed logits.
+    """
+    if _state is None or _state.current is None:
+        return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
+    mode = logits_metadata.forward_mode
+    if mode.is_decode():
+        rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+    elif mode.is_extend() and logits_metadata.extend_seq_lens_cpu is not None:
+        ends = torch.tensor(logits_metadata.extend_seq_lens_cpu).cumsum(0) - 1
+        rows = ends.to(hidden_states.device)
+    else:
+        return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
+    mixed, token_info = _state.mix(input_ids, hidden_states, rows)
+    output = original(processor, input_ids, mixed, lm_head, logits_metadata, *args, **kwargs)
+    info = dict(output.customized_info or {})
+    info[TOKEN_KEY] = token_info
+    output.customized_info = info
+    return output
+
+
+def release_request(result: None, req: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER mem_cache.common.release_kv_cache (SGLang 0.5.23): finished or aborted requests."""
+    if _state is not None:
+        _state.release(req.rid)
+
+
+def report_state(result: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER SchedulerInternalStateController.get_internal_state (SGLang 0.5.23): /server_info."""
+    from runtime_patch.plugin import scheduler_hooks_applied
+
+    applied, missing = scheduler_hooks_applied()
+    entry: dict[str, Any] = {"active": _state is not None and applied, "hooks_missing": missing}
+    if _state is not None:
+        entry.update(_state.report())
+    result.internal_state["esamp"] = entry

@@ -1,0 +1,185 @@
+"""ESamp's state inside one SGLang scheduler process: the bank, the lane, groups, requests.
+
+Per batch, ``begin_batch`` turns ``batch.reqs`` into per-row β and slot (rebuilt every step
+from the requests, so it cannot go stale as requests join and leave); ``mix`` runs between the
+final norm and the LM head; ``release`` unpins a finished request's group.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from esamp_sgl import params as esamp_params
+from esamp_sgl.config import ESampConfig
+from esamp_sgl.distiller import DistillerBank, RowGroups
+from esamp_sgl.lane import CudaStreamLane, DeferredLane
+from esamp_sgl.latent_step import distill_and_mix
+from esamp_sgl.slots import NoFreeSlot, SlotTable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExploringRequest:
+    params: esamp_params.ExploreParams
+    group: str
+    slot: int
+
+
+@dataclass
+class StepRows:
+    """Per-row ESamp inputs of the batch being run (row i = batch.reqs[i])."""
+
+    beta: torch.Tensor  # [N] fp32 on the model's device
+    slot: list[int]  # -1 where the row does not explore
+    debug: list[bool]
+    group: list[str | None]
+
+
+@dataclass
+class Counters:
+    mixed_tokens: int = 0
+    steps: int = 0
+    refused_no_slot: int = 0
+    groups_created: int = 0
+
+
+@dataclass
+class SchedulerState:
+    cfg: ESampConfig
+    model: torch.nn.Module
+    device: torch.device
+    bank: DistillerBank = field(init=False)
+    lane: DeferredLane = field(init=False)
+    slots: SlotTable = field(init=False)
+    requests: dict[str, ExploringRequest] = field(default_factory=dict)
+    current: StepRows | None = None
+    counters: Counters = field(default_factory=Counters)
+
+    def __post_init__(self) -> None:
+        embed, norm = shallow_modules(self.model)
+        self._embed, self._norm = embed, norm
+        hidden = embed.weight.shape[1]
+        self.bank = DistillerBank(self.cfg.max_groups, hidden, self.cfg, device=self.device)
+        lane_cls = CudaStreamLane if self.device.type == "cuda" else DeferredLane
+        self.lane = lane_cls(self.bank, self.cfg.staleness)
+        self.slots = SlotTable(self.cfg.max_groups, ttl=self.cfg.group_ttl)
+
+    # --- per batch -----------------------------------------------------------------------------
+
+    def begin_batch(self, reqs: list) -> None:
+        """Resolve each row's β and slot; ``current`` stays None when no row explores."""
+        rows = [self._row(req) for req in reqs]
+        if not any(r is not None for r in rows):
+            self.current = None
+            return
+        self.current = StepRows(
+            beta=torch.tensor([r.params.beta if r else 0.0 for r in rows], dtype=torch.float32, device=self.device),
+            slot=[r.slot if r else -1 for r in rows],
+            debug=[bool(r and r.params.debug) for r in rows],
+            group=[r.group if r else None for r in rows],
+        )
+
+    def end_batch(self) -> None:
+        self.current = None
+
+    def _row(self, req) -> ExploringRequest | None:
+        sp = req.sampling_params
+        # The n > 1 prefix warm-up (max_new_tokens = 0) and middle chunks of a chunked prefill
+        # sample nothing that reaches the user.
+        if sp.max_new_tokens == 0 or getattr(req, "inflight_middle_chunks", 0) > 0 or req.finished():
+            return None
+        known = self.requests.get(req.rid)
+        if known is not None:
+            return known
+        params = esamp_params.parse(sp.custom_params, self.cfg.max_beta)
+        if not params.active:
+            return None
+        group = params.group or req.rid
+        try:
+            slot, fresh = self.slots.acquire(group)
+        except NoFreeSlot:
+            self.counters.refused_no_slot += 1
+            logger.warning("ESamp: no free group slot for request %s; it samples plain", req.rid)
+            return None
+        if fresh:
+            self.lane.flush()  # queued jobs of the slot's previous group must land before the reset
+            self.bank.reset_slots(torch.tensor([slot], device=self.device))
+            self.counters.groups_created += 1
+        self.requests[req.rid] = known = ExploringRequest(params, group, slot)
+        return known
+
+    def release(self, rid: str) -> None:
+        """A request finished or was aborted: unpin its group (idempotent)."""
+        known = self.requests.pop(rid, None)
+        if known is not None:
+            self.slots.release(known.group)
+
+    # --- between the final norm and the LM head ------------------------------------------------
+
+    def shallow_state(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Layer-0 input norm of the token embedding (context-free: from the ids alone)."""
+        return self._norm(self._embed(input_ids))
+
+    def mix(self, input_ids: torch.Tensor, hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Mixed hidden states for the sampled ``rows``, and one per-token info entry per row."""
+        step = self.current
+        self.lane.begin_step()
+        x = self.shallow_state(input_ids.index_select(0, rows))
+        h = hidden.index_select(0, rows)
+        slot = torch.tensor(step.slot, dtype=torch.int64)
+        groups = RowGroups.of(slot, self.device)
+        h_mix, h_hat, novelty = distill_and_mix(self.bank.params, x, h, slot.to(self.device).clamp_min(0),
+                                                step.beta, self.cfg.mix, groups)
+        self.lane.submit(x, h, slot)
+        out = hidden.clone()
+        out.index_copy_(0, rows, h_mix)
+        self.counters.steps += 1
+        return out, self._token_info(step, h, h_hat, novelty)
+
+    def _token_info(self, step: StepRows, h: torch.Tensor, h_hat: torch.Tensor, novelty: torch.Tensor) -> list:
+        info = []
+        novelty_host = novelty.tolist()
+        for i, slot in enumerate(step.slot):
+            if slot < 0:
+                info.append(None)
+                continue
+            entry = {"group": step.group[i], "beta": float(step.beta[i]), "novelty": novelty_host[i]}
+            if step.debug[i]:
+                entry["h"], entry["h_hat"] = h[i].float().tolist(), h_hat[i].float().tolist()
+            info.append(entry)
+            self.counters.mixed_tokens += 1
+        return info
+
+    # --- reporting ----------------------------------------------------------------------------
+
+    def report(self) -> dict:
+        self.slots.expire()
+        return {
+            "groups_live": len(self.slots),
+            "requests_exploring": len(self.requests),
+            "slots_evicted": self.slots.evictions,
+            "slots_max": self.cfg.max_groups,
+            "training_steps": self.bank.train_steps,
+            "distiller_resets": int(self.bank.reset_count),
+            "lane_lag": self.lane.lag,
+            "mixed_tokens": self.counters.mixed_tokens,
+            "refused_no_slot": self.counters.refused_no_slot,
+            "groups_created": self.counters.groups_created,
+        }
+
+
+def shallow_modules(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The token embedding and layer 0's input norm of a Llama-family model, or a clear error."""
+    inner = getattr(model, "model", None)
+    embed = getattr(inner, "embed_tokens", None)
+    layers = getattr(inner, "layers", None)
+    norm = getattr(layers[0], "input_layernorm", None) if layers is not None and len(layers) else None
+    if embed is None or norm is None or getattr(model, "lm_head", None) is None:
+        raise RuntimeError(
+            f"ESamp needs a Llama-family model (model.embed_tokens, model.layers[0].input_layernorm, "
+            f"lm_head); {type(model).__name__} does not have them. Start without ESamp (--no-esamp).")
+    return embed, norm
