@@ -1,0 +1,191 @@
+"""ESamp inside a real SGLang server on CPU (tiny model and SmolLM2), against a plain server of
+the same build (`--no-esamp`). Servers run one after another: each busy-polls a core."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from safetensors import safe_open
+
+from esamp_sgl.launcher import LaunchedServer
+from tests.conftest import LOG_DIR, launch
+
+PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
+N_TOKENS = 16
+GREEDY = {"temperature": 0, "max_new_tokens": N_TOKENS, "ignore_eos": True}
+
+
+def explore(beta: float, **extra: object) -> dict:
+    return {"custom_params": {"esamp": {"beta": beta, **extra}}}
+
+
+def post(server, path: str, payload: dict, ok: bool = True):
+    resp = requests.post(server.url + path, json=payload, timeout=300)
+    if ok:
+        assert resp.status_code == 200, resp.text
+    return resp
+
+
+def gen(server, text: str, **sampling) -> dict:
+    return post(server, "/generate", {"text": text, "sampling_params": sampling}).json()
+
+
+def esamp_stats(server) -> dict:
+    return requests.get(server.url + "/server_info", timeout=30).json()["internal_states"][0]["esamp"]
+
+
+def lm_head_weight(path: Path) -> torch.Tensor:
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        name = "lm_head.weight" if "lm_head.weight" in f.keys() else "model.embed_tokens.weight"  # tied
+        return f.get_tensor(name).float()
+
+
+@pytest.fixture(scope="module", params=["tiny", "smollm2"])
+def model(request, tiny_model_path, smollm2_path) -> tuple[str, Path]:
+    return request.param, tiny_model_path if request.param == "tiny" else smollm2_path
+
+
+@pytest.fixture(scope="module")
+def plain_greedy(model) -> dict[str, list[int]]:
+    """Greedy output ids of a plain SGLang server (same build, ESamp off), one prompt at a time."""
+    name, path = model
+    with LaunchedServer(str(path), ["--no-esamp"], log_path=LOG_DIR / f"plain-{name}.log",
+                        env={"TRITON_INTERPRET": None}) as server:
+        return {p: gen(server, p, **GREEDY)["output_ids"] for p in PROMPTS}
+
+
+@pytest.fixture(scope="module")
+def server(model, plain_greedy):
+    name, path = model
+    # lr 0.05: online learning visible within a few short requests (the learning test)
+    yield from launch(path, f"esamp-{name}", "--esamp-lr", "0.05")
+
+
+def test_tokens_are_the_argmax_of_the_recomputed_mix(server, model, plain_greedy):
+    W = lm_head_weight(model[1])
+    out = gen(server, PROMPTS[0], **GREEDY, **explore(1.0, debug=True))
+    debug = out["meta_info"]["esamp_debug"]
+    assert len(debug) == len(out["output_ids"]) == N_TOKENS
+    for token, step in zip(out["output_ids"], debug):
+        h, h_hat = torch.tensor(step["h"]), torch.tensor(step["h_hat"])
+        logits = W @ (h + 1.0 * (h - h_hat))
+        assert logits[token] >= logits.max() - 1e-3
+    assert out["output_ids"] != plain_greedy[PROMPTS[0]]
+
+
+def test_meta_reports_every_token_mixed(server):
+    out = gen(server, PROMPTS[1], temperature=0.8, max_new_tokens=12, **explore(0.5, group="meta-1"))
+    meta = out["meta_info"]
+    assert meta["esamp"]["tokens_mixed"] == meta["completion_tokens"] > 0
+    assert meta["esamp"]["group"] == "meta-1" and meta["esamp"]["beta"] == 0.5
+    assert meta["esamp"]["mean_novelty"] > 0
+
+
+def test_beta_zero_and_plain_requests_match_plain_sglang(server, plain_greedy):
+    for prompt in PROMPTS:
+        assert gen(server, prompt, **GREEDY)["output_ids"] == plain_greedy[prompt]
+        assert gen(server, prompt, **GREEDY, **explore(0.0))["output_ids"] == plain_greedy[prompt]
+        assert "esamp" not in gen(server, prompt, **GREEDY, **explore(0.0))["meta_info"]
+
+
+def test_plain_rows_batched_with_exploring_rows_are_unchanged(server, plain_greedy):
+    with ThreadPoolExecutor(8) as pool:
+        exploring = [pool.submit(gen, server, p, temperature=1.0, max_new_tokens=N_TOKENS, n=3, **explore(1.0))
+                     for p in PROMPTS]
+        plain = {p: pool.submit(gen, server, p, **GREEDY) for p in PROMPTS}
+        zero = {p: pool.submit(gen, server, p, **GREEDY, **explore(0.0)) for p in PROMPTS}
+        for f in exploring:
+            assert all(o["meta_info"]["esamp"]["tokens_mixed"] == o["meta_info"]["completion_tokens"]
+                       for o in f.result())
+    for p in PROMPTS:
+        assert plain[p].result()["output_ids"] == plain_greedy[p]
+        assert zero[p].result()["output_ids"] == plain_greedy[p]
+
+
+def test_a_group_learns_its_tokens(server):
+    # β tiny: the tokens stay greedy's, so trained and fresh groups are scored on the same tokens
+    prompt, tiny_beta = PROMPTS[2], 1e-3
+    for _ in range(3):
+        gen(server, prompt, **GREEDY, **explore(tiny_beta, group="learned"))
+    trained = gen(server, prompt, **GREEDY, **explore(tiny_beta, group="learned"))
+    fresh = gen(server, prompt, **GREEDY, **explore(tiny_beta, group="fresh"))
+    assert trained["output_ids"] == fresh["output_ids"]
+    assert trained["meta_info"]["esamp"]["mean_novelty"] < 0.8 * fresh["meta_info"]["esamp"]["mean_novelty"]
+
+
+def test_groups_are_isolated(server):
+    alone = gen(server, PROMPTS[0], **GREEDY, **explore(1.0, group="iso-alone"))
+    with ThreadPoolExecutor(4) as pool:
+        together = pool.submit(gen, server, PROMPTS[0], **GREEDY, **explore(1.0, group="iso-together"))
+        pool.submit(gen, server, PROMPTS[1], temperature=1.0, max_new_tokens=N_TOKENS, n=3,
+                    **explore(2.0, group="iso-other")).result()
+    assert together.result()["output_ids"] == alone["output_ids"]
+
+
+def test_n_samples_share_one_group_and_requests_get_their_own(server):
+    first = gen(server, PROMPTS[1], temperature=1.0, max_new_tokens=4, n=3, **explore(0.5))
+    second = gen(server, PROMPTS[1], temperature=1.0, max_new_tokens=4, n=2, **explore(0.5))
+    groups_first = {o["meta_info"]["esamp"]["group"] for o in first}
+    groups_second = {o["meta_info"]["esamp"]["group"] for o in second}
+    assert len(groups_first) == 1 and len(groups_second) == 1 and groups_first != groups_second
+
+
+def test_streaming_reports_meta(server):
+    resp = requests.post(server.url + "/generate", json={"text": PROMPTS[2], "stream": True, "sampling_params": {
+        "temperature": 0.8, "max_new_tokens": 10, "ignore_eos": True, **explore(0.5)}}, stream=True, timeout=300)
+    chunks = [json.loads(line[len(b"data: "):]) for line in resp.iter_lines()
+              if line.startswith(b"data: ") and line != b"data: [DONE]"]
+    assert len(chunks) > 1
+    assert chunks[-1]["meta_info"]["esamp"]["tokens_mixed"] == chunks[-1]["meta_info"]["completion_tokens"] == 10
+
+
+def test_openai_endpoints_carry_explore(server):
+    before = esamp_stats(server)["mixed_tokens"]
+    completion = post(server, "/v1/completions", {"model": "default", "prompt": PROMPTS[0], "max_tokens": 5,
+                                                  "temperature": 0.8, "n": 2, **explore(0.5)}).json()
+    chat = post(server, "/v1/chat/completions", {"model": "default", "max_tokens": 5, "temperature": 0.8,
+                                                 "messages": [{"role": "user", "content": "Hi"}], **explore(0.5)}).json()
+    produced = completion["usage"]["completion_tokens"] + chat["usage"]["completion_tokens"]
+    # usage leaves out a final stop/EOS token, which was sampled (and mixed): ≤ 1 per choice
+    assert produced <= esamp_stats(server)["mixed_tokens"] - before <= produced + 3
+    bad = post(server, "/v1/chat/completions", {"model": "default", "max_tokens": 5, **explore(-2),
+                                                "messages": [{"role": "user", "content": "Hi"}]}, ok=False)
+    assert bad.status_code == 400 and "esamp.beta" in bad.text
+
+
+@pytest.mark.parametrize("esamp,field", [({"beta": -1}, "esamp.beta"), ({"beta": "x"}, "esamp.beta"),
+                                          ({"beta": 1e9}, "esamp.beta"), ({"beta": 0.5, "group": 7}, "esamp.group"),
+                                          ({"beta": 0.5, "seed": -3}, "esamp.seed"), ({"bta": 0.5}, "unknown field")])
+def test_bad_values_are_http_400_naming_the_field(server, esamp, field):
+    resp = post(server, "/generate", {"text": "x", "sampling_params": {"max_new_tokens": 2,
+                                                                       "custom_params": {"esamp": esamp}}}, ok=False)
+    assert resp.status_code == 400 and field in resp.text
+    assert gen(server, "x", max_new_tokens=2, **explore(0.5))["meta_info"]["esamp"]["tokens_mixed"] == 2
+
+
+def test_regex_constraint_holds_while_exploring(server):
+    for _ in range(3):
+        out = gen(server, "My number is ", temperature=1.0, max_new_tokens=8, regex="[0-9]{3}", **explore(2.0))
+        assert re.fullmatch("[0-9]{3}", out["text"]), out["text"]
+
+
+def test_server_survives_an_abort_mid_generation(server):
+    resp = requests.post(server.url + "/generate", json={"text": PROMPTS[0], "stream": True, "sampling_params": {
+        "temperature": 1.0, "max_new_tokens": 4000, "ignore_eos": True, **explore(1.0, group="aborted")}},
+        stream=True, timeout=300)
+    lines = resp.iter_lines()
+    for _ in range(3):
+        next(lines)
+    resp.close()  # the client goes away: SGLang aborts the request
+    deadline = time.monotonic() + 60
+    while esamp_stats(server)["requests_exploring"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert esamp_stats(server)["requests_exploring"] == 0
+    assert gen(server, PROMPTS[1], max_new_tokens=3, **explore(0.5))["meta_info"]["esamp"]["tokens_mixed"] == 3
