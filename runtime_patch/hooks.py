@@ -105,7 +105,7 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
     request — every row in decode, the last token of each request in extend — is replaced by
     h_mix; penalties, grammar masks, logit_bias and temperature then apply to the mixed logits.
     """
-    if _state is None or _state.current is None:
+    if _state is None or _state.current is None or not _state.current.mixing:
         return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
     mode = logits_metadata.forward_mode
     if mode.is_decode():
@@ -121,6 +121,21 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
     info[TOKEN_KEY] = token_info
     output.customized_info = info
     return output
+
+
+def seeded_resample(original: Any, sampler: Any, probs: torch.Tensor, sampling_info: Any, positions: torch.Tensor,
+                    *args: Any, **kwargs: Any) -> Any:
+    """AROUND Sampler._sample_from_probs (SGLang 0.5.23): rows with esamp.seed are drawn again
+    by ESamp's seeded sampler from the same (temperature-scaled) probabilities and the same
+    filters; logprobs SGLang computes afterwards refer to the returned ids.
+
+    Assumes one probability row per request, in ``batch.reqs`` order, and a return value of
+    (token ids, sampling-mask capture).
+    """
+    ids, capture = original(sampler, probs, sampling_info, positions, *args, **kwargs)
+    if _state is not None and _state.current is not None:
+        _state.resample_seeded(ids, probs, sampling_info, positions)
+    return ids, capture
 
 
 def release_request(result: None, req: Any, *args: Any, **kwargs: Any) -> None:

@@ -17,6 +17,7 @@ from esamp_sgl.config import ESampConfig
 from esamp_sgl.distiller import DistillerBank, RowGroups
 from esamp_sgl.lane import CudaStreamLane, DeferredLane
 from esamp_sgl.latent_step import distill_and_mix
+from esamp_sgl.seeded import seeded_sample
 from esamp_sgl.slots import NoFreeSlot, SlotTable
 
 logger = logging.getLogger(__name__)
@@ -24,19 +25,27 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ExploringRequest:
+    """A request that explores (β > 0: group and slot) or asked for seeded sampling, or both."""
+
     params: esamp_params.ExploreParams
-    group: str
-    slot: int
+    group: str | None
+    slot: int  # -1: no group (β = 0)
 
 
 @dataclass
 class StepRows:
-    """Per-row ESamp inputs of the batch being run (row i = batch.reqs[i])."""
+    """Per-row ESamp inputs of the batch being run (row i = batch.reqs[i]); None entries/-1 slots
+    are rows that neither explore nor are seeded."""
 
     beta: torch.Tensor  # [N] fp32 on the model's device
     slot: list[int]  # -1 where the row does not explore
     debug: list[bool]
     group: list[str | None]
+    seed: list[int | None]
+
+    @property
+    def mixing(self) -> bool:
+        return any(s >= 0 for s in self.slot)
 
 
 @dataclass
@@ -81,6 +90,7 @@ class SchedulerState:
             slot=[r.slot if r else -1 for r in rows],
             debug=[bool(r and r.params.debug) for r in rows],
             group=[r.group if r else None for r in rows],
+            seed=[r.params.seed if r else None for r in rows],
         )
 
     def end_batch(self) -> None:
@@ -97,7 +107,10 @@ class SchedulerState:
             return known
         params = esamp_params.parse(sp.custom_params, self.cfg.max_beta)
         if not params.active:
-            return None
+            if params.seed is None:
+                return None
+            self.requests[req.rid] = known = ExploringRequest(params, None, -1)
+            return known
         group = params.group or req.rid
         try:
             slot, fresh = self.slots.acquire(group)
@@ -115,7 +128,7 @@ class SchedulerState:
     def release(self, rid: str) -> None:
         """A request finished or was aborted: unpin its group (idempotent)."""
         known = self.requests.pop(rid, None)
-        if known is not None:
+        if known is not None and known.group is not None:
             self.slots.release(known.group)
 
     # --- between the final norm and the LM head ------------------------------------------------
@@ -153,6 +166,21 @@ class SchedulerState:
             info.append(entry)
             self.counters.mixed_tokens += 1
         return info
+
+    # --- sampling -------------------------------------------------------------------------------
+
+    def resample_seeded(self, ids: torch.Tensor, probs: torch.Tensor, sampling_info, positions: torch.Tensor) -> None:
+        """Overwrite, in place, the sampled ids of rows whose request carries esamp.seed."""
+        step = self.current
+        rows = [i for i, seed in enumerate(step.seed) if seed is not None]
+        if not rows or probs.shape[0] != len(step.seed):
+            return
+        index = torch.tensor(rows, device=probs.device)
+        pos = positions.index_select(0, index).tolist()
+        drawn = seeded_sample(probs.index_select(0, index), sampling_info.top_ks.index_select(0, index),
+                              sampling_info.top_ps.index_select(0, index), sampling_info.min_ps.index_select(0, index),
+                              [step.seed[i] for i in rows], pos)
+        ids[index] = drawn.to(ids.dtype)
 
     # --- reporting ----------------------------------------------------------------------------
 

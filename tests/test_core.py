@@ -267,3 +267,20 @@ def test_grouped_cpu_path_equals_the_graph_safe_path():
     for got, want in zip(distill_and_mix_torch(bank.params, x, h, slot, beta, groups=groups),
                          distill_and_mix_torch(bank.params, x, h, slot, beta)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_seeded_sampling_is_reproducible_and_follows_the_filters():
+    from esamp_sgl.seeded import seeded_sample
+
+    probs = torch.softmax(torch.randn(3, 40, generator=torch.Generator().manual_seed(5)), dim=-1)
+    no_k, no_p, no_min = torch.full((3,), 1 << 30), torch.ones(3), torch.zeros(3)
+    first = seeded_sample(probs, no_k, no_p, no_min, [7, 7, 8], [10, 11, 10])
+    again = seeded_sample(probs, no_k, no_p, no_min, [7, 7, 8], [10, 11, 10])
+    assert torch.equal(first, again)
+    draws = torch.stack([seeded_sample(probs, no_k, no_p, no_min, [s] * 3, [0, 0, 0]) for s in range(60)])
+    assert len(set(draws[:, 0].tolist())) > 5  # different seeds differ
+    top2 = seeded_sample(probs, torch.full((3,), 2), no_p, no_min, [1, 2, 3], [0, 0, 0])
+    allowed = probs.topk(2).indices
+    assert all(top2[i] in allowed[i] for i in range(3))
+    greedy = seeded_sample(probs, torch.ones(3, dtype=torch.int64), no_p, no_min, [1, 2, 3], [0, 0, 0])
+    assert torch.equal(greedy, probs.argmax(-1))
