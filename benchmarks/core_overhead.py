@@ -13,12 +13,8 @@ Writes benchmarks/results/core_overhead.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -28,10 +24,10 @@ from esamp_sgl.distiller import DistillerBank, RowGroups
 from esamp_sgl.lane import DeferredLane
 from esamp_sgl.latent_step import distill_and_mix
 from esamp_sgl.models import resolve
+from results_io import save_result
 
 CONTEXT = 64
 FORK = 8
-RESULTS = Path(__file__).parent / "results" / "core_overhead.json"
 
 
 def esamp_step(lane: DeferredLane, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor, beta: torch.Tensor) -> None:
@@ -111,9 +107,7 @@ def main() -> None:
     cfg = ESampConfig()
     torch.manual_seed(0)
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": {k: getattr(cfg, k) for k in ESampConfig.field_names()},
-        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
         "context_tokens": CONTEXT,
         "measured_cpu_d576": measure(args.batches, args.repeats, cfg),
         "computed_d4096_vs_7b": computed_7b(args.batches, cfg),
@@ -122,9 +116,7 @@ def main() -> None:
     for row in result["computed_d4096_vs_7b"]:
         print(f"d=4096 B={row['batch']:4d}  FLOPs ratio {row['flops_ratio']:.5f}  bytes ratio {row['bytes_ratio']:.5f}")
     print(f"bytes per group at d=4096: {result['bytes_per_group_d4096']:,}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    print(f"saved {RESULTS}")
+    save_result("core_overhead", result)
 
 
 if __name__ == "__main__":

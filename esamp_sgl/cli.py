@@ -29,9 +29,18 @@ def _cmd_models(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, _: list[str]) -> int:
-    from esamp_sgl.demo import run_demo
+    from programs.demo import run_demo
 
-    return run_demo(args.model)
+    return run_demo(args.model, problems=args.problems, k=args.k, beta=args.beta)
+
+
+def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
+    import importlib
+
+    from programs import PROGRAMS
+
+    importlib.import_module(PROGRAMS[args.program]).main(rest)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,9 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     mdl.set_defaults(func=_cmd_models)
 
-    demo = sub.add_parser("demo", help="start a CPU server with SmolLM2 and run the demo")
+    demo = sub.add_parser("demo", help="self-consistency with and without explore on a local server")
     demo.add_argument("--model", default="smollm2-135m")
+    demo.add_argument("--problems", type=int, default=6)
+    demo.add_argument("--k", type=int, default=4)
+    demo.add_argument("--beta", type=float, default=0.5)
     demo.set_defaults(func=_cmd_demo)
+
+    from programs import PROGRAMS
+
+    run = sub.add_parser("run", add_help=False,  # --help goes to the program
+                         help="run an SGLang program against a server: " + ", ".join(PROGRAMS))
+    run.add_argument("program", choices=sorted(PROGRAMS))
+    run.set_defaults(func=_cmd_run, passthrough=True)
     return parser
 
 

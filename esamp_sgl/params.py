@@ -32,7 +32,8 @@ def check_beta(value: Any, max_beta: float, name: str = "esamp.beta") -> float:
         raise ValueError(f"{name} must be a number, got {value!r}")
     beta = float(value)
     if not math.isfinite(beta) or beta < 0 or beta > max_beta:
-        raise ValueError(f"{name} must be a finite number in [0, {max_beta}], got {value!r}")
+        bound = ">= 0" if math.isinf(max_beta) else f"in [0, {max_beta}] (the server's maximum)"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return beta
 
 

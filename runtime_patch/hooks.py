@@ -101,9 +101,12 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
     """AROUND LogitsProcessor.forward (SGLang 0.5.23).
 
     Assumes ``hidden_states`` is the final normalized state (rows: tokens of the batch, in
-    ``batch.reqs`` order) and ``logits_metadata`` the ForwardBatch. The sampled row of each
-    request — every row in decode, the last token of each request in extend — is replaced by
-    h_mix; penalties, grammar masks, logit_bias and temperature then apply to the mixed logits.
+    ``batch.reqs`` order) and ``logits_metadata`` the ForwardBatch. Pre-filter mode: the
+    sampled row of each request — every row in decode, the last token of each request in
+    extend — is replaced by h_mix. Post-filter mode: the base logits are computed unmixed and
+    reweighted on the base's own top-k/top-p/min-p candidates (the sampler's filters then apply
+    again to the reweighted candidates). Either way penalties, grammar masks, logit_bias and
+    temperature then apply to the mixed logits. Returned logprobs describe the mixed logits.
     """
     if _state is None or _state.current is None or not _state.current.mixing:
         return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
@@ -115,8 +118,13 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
         rows = ends.to(hidden_states.device)
     else:
         return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
-    mixed, token_info = _state.mix(input_ids, hidden_states, rows)
-    output = original(processor, input_ids, mixed, lm_head, logits_metadata, *args, **kwargs)
+    mixed, h_hat, token_info = _state.mix(input_ids, hidden_states, rows)
+    if _cfg.filter_mode == "pre":
+        output = original(processor, input_ids, mixed, lm_head, logits_metadata, *args, **kwargs)
+    else:
+        output = original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
+        output.next_token_logits = _state.post_filter(output.next_token_logits, h_hat, lm_head.weight,
+                                                      logits_metadata.sampling_info)
     info = dict(output.customized_info or {})
     info[TOKEN_KEY] = token_info
     output.customized_info = info

@@ -17,8 +17,10 @@ from esamp_sgl.config import ESampConfig
 from esamp_sgl.distiller import DistillerBank, RowGroups
 from esamp_sgl.lane import CudaStreamLane, DeferredLane
 from esamp_sgl.latent_step import distill_and_mix
+from esamp_sgl.mix import candidate_mask, post_filter_logits
 from esamp_sgl.seeded import seeded_sample
 from esamp_sgl.slots import NoFreeSlot, SlotTable
+from runtime_patch.metrics import metrics_if_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class StepRows:
     are rows that neither explore nor are seeded."""
 
     beta: torch.Tensor  # [N] fp32 on the model's device
+    beta_host: list[float]  # the same, on the host: reporting it needs no device sync
     slot: list[int]  # -1 where the row does not explore
     debug: list[bool]
     group: list[str | None]
@@ -76,6 +79,7 @@ class SchedulerState:
         lane_cls = CudaStreamLane if self.device.type == "cuda" else DeferredLane
         self.lane = lane_cls(self.bank, self.cfg.staleness)
         self.slots = SlotTable(self.cfg.max_groups, ttl=self.cfg.group_ttl)
+        self.metrics = metrics_if_enabled(list(self.report()))
 
     # --- per batch -----------------------------------------------------------------------------
 
@@ -85,8 +89,10 @@ class SchedulerState:
         if not any(r is not None for r in rows):
             self.current = None
             return
+        betas = [r.params.beta if r else 0.0 for r in rows]
         self.current = StepRows(
-            beta=torch.tensor([r.params.beta if r else 0.0 for r in rows], dtype=torch.float32, device=self.device),
+            beta=torch.tensor(betas, dtype=torch.float32, device=self.device),
+            beta_host=betas,
             slot=[r.slot if r else -1 for r in rows],
             debug=[bool(r and r.params.debug) for r in rows],
             group=[r.group if r else None for r in rows],
@@ -94,6 +100,9 @@ class SchedulerState:
         )
 
     def end_batch(self) -> None:
+        # Every 16 mixing steps: reading the device-side reset counter is a host sync on GPU.
+        if self.metrics is not None and self.current is not None and self.counters.steps % 16 == 1:
+            self.metrics.publish(self.report())
         self.current = None
 
     def _row(self, req) -> ExploringRequest | None:
@@ -137,8 +146,9 @@ class SchedulerState:
         """Layer-0 input norm of the token embedding (context-free: from the ids alone)."""
         return self._norm(self._embed(input_ids))
 
-    def mix(self, input_ids: torch.Tensor, hidden: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """Mixed hidden states for the sampled ``rows``, and one per-token info entry per row."""
+    def mix(self, input_ids: torch.Tensor, hidden: torch.Tensor, rows: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Hidden states with the sampled ``rows`` mixed, ĥ of those rows, one info entry per row."""
         step = self.current
         self.lane.begin_step()
         x = self.shallow_state(input_ids.index_select(0, rows))
@@ -151,7 +161,15 @@ class SchedulerState:
         out = hidden.clone()
         out.index_copy_(0, rows, h_mix)
         self.counters.steps += 1
-        return out, self._token_info(step, h, h_hat, novelty)
+        return out, h_hat, self._token_info(step, h, h_hat, novelty)
+
+    def post_filter(self, logits: torch.Tensor, h_hat: torch.Tensor, lm_head_weight: torch.Tensor,
+                    sampling_info) -> torch.Tensor:
+        """Post-filter mode: the base logits' own top-k/top-p/min-p pick the candidates, and the
+        contrast (1+β)·Wh − β·Wĥ reweights only those (rows with β = 0 are unchanged)."""
+        keep = candidate_mask(logits, sampling_info.top_ks, sampling_info.top_ps, sampling_info.min_ps,
+                              sampling_info.temperatures.view(-1))
+        return post_filter_logits(logits, h_hat, lm_head_weight, self.current.beta, keep)
 
     def _token_info(self, step: StepRows, h: torch.Tensor, h_hat: torch.Tensor, novelty: torch.Tensor) -> list:
         info = []
@@ -160,7 +178,7 @@ class SchedulerState:
             if slot < 0:
                 info.append(None)
                 continue
-            entry = {"group": step.group[i], "beta": float(step.beta[i]), "novelty": novelty_host[i]}
+            entry = {"group": step.group[i], "beta": step.beta_host[i], "novelty": novelty_host[i]}
             if step.debug[i]:
                 entry["h"], entry["h_hat"] = h[i].float().tolist(), h_hat[i].float().tolist()
             info.append(entry)
@@ -191,6 +209,7 @@ class SchedulerState:
             "requests_exploring": len(self.requests),
             "slots_evicted": self.slots.evictions,
             "slots_max": self.cfg.max_groups,
+            "max_beta": self.cfg.max_beta,
             "training_steps": self.bank.train_steps,
             "distiller_resets": int(self.bank.reset_count),
             "lane_lag": self.lane.lag,

@@ -1,0 +1,82 @@
+"""Output-token throughput with ESamp on vs off, same SGLang build, same run.
+
+Workload: PROMPTS prompts × FORKS samples each (one n = FORKS request per prompt, all prompts
+at once), MAX_TOKENS tokens per sample (ignore_eos), temperature 0.8, SmolLM2-135M on CPU.
+Rounds alternate so drift on this shared machine hits both sides alike:
+  - plain SGLang: a `--no-esamp` server (the plugin registers nothing);
+  - ESamp server: rounds without explore and with explore β = 0.5.
+Reported as ratios of medians. Run:
+  .venv/bin/python benchmarks/throughput.py [--rounds 2] [--max-tokens 128]
+Writes benchmarks/results/throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+from esamp_sgl.launcher import LaunchedServer
+from results_io import save_result
+
+PROMPTS = [f"Question {i}: what is {i + 3} + {2 * i + 5}? Think step by step." for i in range(8)]
+FORKS = 8
+
+
+def run_round(url: str, beta: float | None, max_tokens: int) -> float:
+    """Output tokens per second for one round of the workload."""
+    def one(prompt: str) -> int:
+        sampling = {"temperature": 0.8, "max_new_tokens": max_tokens, "ignore_eos": True, "n": FORKS}
+        if beta is not None:
+            sampling["custom_params"] = {"esamp": {"beta": beta}}
+        outs = requests.post(url + "/generate", json={"text": prompt, "sampling_params": sampling}, timeout=3600).json()
+        return sum(o["meta_info"]["completion_tokens"] for o in outs)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        tokens = sum(pool.map(one, PROMPTS))
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    args = parser.parse_args()
+    logs = Path(tempfile.gettempdir())
+    measured: dict[str, list[float]] = {"plain_server": [], "esamp_server_no_explore": [], "esamp_server_explore": []}
+
+    with LaunchedServer(args.model, ["--no-esamp"], log_path=logs / "bench-plain.log") as server:
+        for r in range(args.rounds):
+            measured["plain_server"].append(run_round(server.url, None, args.max_tokens))
+            print(f"plain server round {r}: {measured['plain_server'][-1]:.1f} tok/s", flush=True)
+    with LaunchedServer(args.model, [], log_path=logs / "bench-esamp.log") as server:
+        for r in range(args.rounds):
+            for key, beta in (("esamp_server_explore", 0.5), ("esamp_server_no_explore", None)):
+                measured[key].append(run_round(server.url, beta, args.max_tokens))
+                print(f"{key} round {r}: {measured[key][-1]:.1f} tok/s", flush=True)
+
+    median = {k: statistics.median(v) for k, v in measured.items()}
+    result = {
+        "workload": {"prompts": len(PROMPTS), "forks": FORKS, "max_tokens": args.max_tokens, "temperature": 0.8,
+                     "beta": 0.5, "model": args.model},
+        "tokens_per_second": measured,
+        "median_tokens_per_second": median,
+        "ratio_explore_vs_plain_server": median["esamp_server_explore"] / median["plain_server"],
+        "ratio_explore_vs_no_explore_same_server": median["esamp_server_explore"] / median["esamp_server_no_explore"],
+        "ratio_no_explore_vs_plain_server": median["esamp_server_no_explore"] / median["plain_server"],
+    }
+    for key in ("ratio_explore_vs_plain_server", "ratio_explore_vs_no_explore_same_server",
+                "ratio_no_explore_vs_plain_server"):
+        print(f"{key}: {result[key]:.4f}")
+    save_result("throughput", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Small helpers for tests that talk to a real server over HTTP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import requests
+import torch
+from safetensors import safe_open
+
+PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
+N_TOKENS = 16
+GREEDY = {"temperature": 0, "max_new_tokens": N_TOKENS, "ignore_eos": True}
+
+
+def explore(beta: float, **extra: object) -> dict:
+    return {"custom_params": {"esamp": {"beta": beta, **extra}}}
+
+
+def post(server, path: str, payload: dict, ok: bool = True):
+    resp = requests.post(server.url + path, json=payload, timeout=300)
+    if ok:
+        assert resp.status_code == 200, resp.text
+    return resp
+
+
+def gen(server, text: str, **sampling) -> dict:
+    return post(server, "/generate", {"text": text, "sampling_params": sampling}).json()
+
+
+def esamp_stats(server) -> dict:
+    return requests.get(server.url + "/server_info", timeout=30).json()["internal_states"][0]["esamp"]
+
+
+def lm_head_weight(path: Path) -> torch.Tensor:
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        name = "lm_head.weight" if "lm_head.weight" in f.keys() else "model.embed_tokens.weight"  # tied
+        return f.get_tensor(name).float()
