@@ -31,6 +31,7 @@ class Job:
     x: torch.Tensor
     h: torch.Tensor
     slot: torch.Tensor  # on the host (CPU): the bank groups rows by slot without a device sync
+    ready: object | None = None  # CUDA: event recorded after the inputs were copied
 
 
 class DeferredLane:
@@ -59,6 +60,16 @@ class DeferredLane:
         self._apply_through(self.step)
 
     @property
+    def forward_params(self) -> tuple[torch.Tensor, ...]:
+        """The weights the forward must read (with this lane, the bank's own)."""
+        return self.bank.params
+
+    def reset_slots(self, slots: torch.Tensor) -> None:
+        """Fresh weights for ``slots``; queued jobs (of a previous group there) land first."""
+        self.flush()
+        self.bank.reset_slots(slots)
+
+    @property
     def lag(self) -> int:
         """Queued jobs not yet applied."""
         return len(self._queue)
@@ -77,46 +88,65 @@ class CudaStreamLane(DeferredLane):
         super().__init__(bank, staleness)
         self.main = torch.cuda.current_stream(bank.device)
         self.side = torch.cuda.Stream(bank.device)
-        # The bank's own tensors are the published copy the forward reads; training runs on master.
-        self.published = bank.params
-        bank.params = tuple(p.clone() for p in self.published)
+        # Published: what the forward reads, at fixed addresses. The bank trains a master copy.
+        self.published = tuple(p.clone() for p in bank.params)
         self._trained: dict[int, tuple[torch.cuda.Event, torch.Tensor]] = {}
         self._published_events: dict[int, torch.cuda.Event] = {}
 
+    @property
+    def forward_params(self) -> tuple[torch.Tensor, ...]:
+        return self.published
+
     def begin_step(self) -> int:
         self.step += 1
-        owed = self.step - 1 - self.staleness
-        if owed in self._trained:
-            done, slots = self._trained.pop(owed)
-            self.main.wait_event(done)
-            for pub, master in zip(self.published, self.bank.params):
-                pub[slots] = master[slots]
-            self.applied_through = owed
+        self._publish(self.step - 1 - self.staleness)
         published = torch.cuda.Event()
         published.record(self.main)
         self._published_events[self.step] = published
         self._launch_ready()
+        oldest_gate = self._queue[0].step + self.staleness if self._queue else self.step
+        self._published_events = {k: e for k, e in self._published_events.items() if k >= oldest_gate}
         return self.step
 
     def submit(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor | list[int]) -> None:
         super().submit(x, h, slot)  # copies on the main stream, ordered before the next replay
-        ready = torch.cuda.Event()
-        ready.record(self.main)
-        self._queue[-1].ready = ready
+        self._queue[-1].ready = torch.cuda.Event()
+        self._queue[-1].ready.record(self.main)
         self._launch_ready()
 
     def flush(self) -> None:
-        torch.cuda.current_stream().wait_stream(self.side)
+        """Train every queued job now and publish everything trained."""
+        while self._queue:
+            self._launch(self._queue.popleft(), gate=None)
+        for step in sorted(self._trained):
+            self._publish(step)
+
+    def reset_slots(self, slots: torch.Tensor) -> None:
+        super().reset_slots(slots)
+        for pub, master in zip(self.published, self.bank.params):
+            pub[slots] = master[slots]
+
+    def _publish(self, step: int) -> None:
+        if step not in self._trained:
+            return
+        done, slots = self._trained.pop(step)
+        self.main.wait_event(done)
+        for pub, master in zip(self.published, self.bank.params):
+            pub[slots] = master[slots]
+        self.applied_through = step
 
     def _launch_ready(self) -> None:
         while self._queue and self._queue[0].step + self.staleness in self._published_events:
             job = self._queue.popleft()
-            gate = self._published_events.pop(job.step + self.staleness)
-            with torch.cuda.stream(self.side):
-                self.side.wait_event(job.ready)
+            self._launch(job, self._published_events[job.step + self.staleness])
+
+    def _launch(self, job: Job, gate: torch.cuda.Event | None) -> None:
+        with torch.cuda.stream(self.side):
+            self.side.wait_event(job.ready)
+            if gate is not None:
                 self.side.wait_event(gate)
-                self.bank.train_step(job.x, job.h, job.slot)
-                done = torch.cuda.Event()
-                done.record(self.side)
-            live = torch.unique(job.slot[job.slot >= 0]).to(self.bank.device, non_blocking=True)
-            self._trained[job.step] = (done, live)
+            self.bank.train_step(job.x, job.h, job.slot)
+            done = torch.cuda.Event()
+            done.record(self.side)
+        live = torch.unique(job.slot[job.slot >= 0]).to(self.bank.device, non_blocking=True)
+        self._trained[job.step] = (done, live)

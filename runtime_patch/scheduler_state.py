@@ -128,8 +128,7 @@ class SchedulerState:
             logger.warning("ESamp: no free group slot for request %s; it samples plain", req.rid)
             return None
         if fresh:
-            self.lane.flush()  # queued jobs of the slot's previous group must land before the reset
-            self.bank.reset_slots(torch.tensor([slot], device=self.device))
+            self.lane.reset_slots(torch.tensor([slot], device=self.device))
             self.counters.groups_created += 1
         self.requests[req.rid] = known = ExploringRequest(params, group, slot)
         return known
@@ -155,7 +154,7 @@ class SchedulerState:
         h = hidden.index_select(0, rows)
         slot = torch.tensor(step.slot, dtype=torch.int64)
         groups = RowGroups.of(slot, self.device)
-        h_mix, h_hat, novelty = distill_and_mix(self.bank.params, x, h, slot.to(self.device).clamp_min(0),
+        h_mix, h_hat, novelty = distill_and_mix(self.lane.forward_params, x, h, slot.to(self.device).clamp_min(0),
                                                 step.beta, self.cfg.mix, groups)
         self.lane.submit(x, h, slot)
         out = hidden.clone()

@@ -284,3 +284,16 @@ def test_seeded_sampling_is_reproducible_and_follows_the_filters():
     assert all(top2[i] in allowed[i] for i in range(3))
     greedy = seeded_sample(probs, torch.ones(3, dtype=torch.int64), no_p, no_min, [1, 2, 3], [0, 0, 0])
     assert torch.equal(greedy, probs.argmax(-1))
+
+
+def test_lane_reset_lands_queued_jobs_before_fresh_weights():
+    bank = DistillerBank(2, D, ESampConfig(rank=8, lr=0.5))
+    lane = DeferredLane(bank, staleness=2)
+    lane.begin_step()
+    x, h = _data(4)
+    lane.submit(x, h, torch.tensor([0, 0, 1, 1]))
+    lane.reset_slots(torch.tensor([0]))
+    fresh = DistillerBank(2, D, ESampConfig(rank=8, lr=0.5))
+    assert lane.lag == 0
+    assert _same_weights(bank, 0, fresh, 0)  # the old group's job landed, then the reset
+    assert not _same_weights(bank, 1, fresh, 1)
