@@ -5,7 +5,8 @@ at once), MAX_TOKENS tokens per sample (ignore_eos), temperature 0.8, SmolLM2-13
 Rounds alternate so drift on this shared machine hits both sides alike:
   - plain SGLang: a `--no-esamp` server (the plugin registers nothing);
   - ESamp server: rounds without explore and with explore β = 0.5.
-Reported as ratios of medians. Run:
+Reported as ratios of medians, and — robust to the machine's noise — ESamp's share of the
+scheduler's forward time in explore rounds, from the server's own counters. Run:
   .venv/bin/python benchmarks/throughput.py [--rounds 2] [--max-tokens 128]
 Writes benchmarks/results/throughput.json.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import requests
 
 from esamp_sgl.launcher import LaunchedServer
+from esamp_sgl.server_check import esamp_states
 from results_io import save_result
 
 PROMPTS = [f"Question {i}: what is {i + 3} + {2 * i + 5}? Think step by step." for i in range(8)]
@@ -51,6 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     logs = Path(tempfile.gettempdir())
     measured: dict[str, list[float]] = {"plain_server": [], "esamp_server_no_explore": [], "esamp_server_explore": []}
+    esamp_share: list[float] = []
 
     with LaunchedServer(args.model, ["--no-esamp"], log_path=logs / "bench-plain.log") as server:
         for r in range(args.rounds):
@@ -59,8 +62,14 @@ def main() -> None:
     with LaunchedServer(args.model, [], log_path=logs / "bench-esamp.log") as server:
         for r in range(args.rounds):
             for key, beta in (("esamp_server_explore", 0.5), ("esamp_server_no_explore", None)):
+                before = esamp_states(server.url)[0]
                 measured[key].append(run_round(server.url, beta, args.max_tokens))
+                after = esamp_states(server.url)[0]
                 print(f"{key} round {r}: {measured[key][-1]:.1f} tok/s", flush=True)
+                if beta is not None:
+                    esamp_share.append((after["esamp_seconds"] - before["esamp_seconds"])
+                                       / (after["forward_seconds"] - before["forward_seconds"]))
+                    print(f"  ESamp's share of forward time: {esamp_share[-1]:.4f}", flush=True)
 
     median = {k: statistics.median(v) for k, v in measured.items()}
     result = {
@@ -71,6 +80,7 @@ def main() -> None:
         "ratio_explore_vs_plain_server": median["esamp_server_explore"] / median["plain_server"],
         "ratio_explore_vs_no_explore_same_server": median["esamp_server_explore"] / median["esamp_server_no_explore"],
         "ratio_no_explore_vs_plain_server": median["esamp_server_no_explore"] / median["plain_server"],
+        "esamp_share_of_forward_time_explore_rounds": esamp_share,
     }
     for key in ("ratio_explore_vs_plain_server", "ratio_explore_vs_no_explore_same_server",
                 "ratio_no_explore_vs_plain_server"):

@@ -7,6 +7,7 @@ the mix between the final norm and the LM head.
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -89,11 +90,15 @@ def around_forward_batch(original: Any, worker: Any, batch: Any = None, *args: A
     """
     if _state is None or batch is None:
         return original(worker, batch, *args, **kwargs)
-    _state.begin_batch(batch.reqs)
+    start = time.perf_counter()
+    with _state.timed():
+        _state.begin_batch(batch.reqs)
     try:
         return original(worker, batch, *args, **kwargs)
     finally:
-        _state.end_batch()
+        with _state.timed():
+            _state.end_batch()
+        _state.counters.forward_seconds += time.perf_counter() - start
 
 
 def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, hidden_states: torch.Tensor,
@@ -118,13 +123,15 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
         rows = ends.to(hidden_states.device)
     else:
         return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
-    mixed, h_hat, token_info = _state.mix(input_ids, hidden_states, rows)
+    with _state.timed():
+        mixed, h_hat, token_info = _state.mix(input_ids, hidden_states, rows)
     if _cfg.filter_mode == "pre":
         output = original(processor, input_ids, mixed, lm_head, logits_metadata, *args, **kwargs)
     else:
         output = original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
-        output.next_token_logits = _state.post_filter(output.next_token_logits, h_hat, lm_head.weight,
-                                                      logits_metadata.sampling_info)
+        with _state.timed():
+            output.next_token_logits = _state.post_filter(output.next_token_logits, h_hat, lm_head.weight,
+                                                          logits_metadata.sampling_info)
     info = dict(output.customized_info or {})
     info[TOKEN_KEY] = token_info
     output.customized_info = info
@@ -142,7 +149,8 @@ def seeded_resample(original: Any, sampler: Any, probs: torch.Tensor, sampling_i
     """
     ids, capture = original(sampler, probs, sampling_info, positions, *args, **kwargs)
     if _state is not None and _state.current is not None:
-        _state.resample_seeded(ids, probs, sampling_info, positions)
+        with _state.timed():
+            _state.resample_seeded(ids, probs, sampling_info, positions)
     return ids, capture
 
 

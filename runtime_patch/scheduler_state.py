@@ -8,6 +8,9 @@ final norm and the LM head; ``release`` unpins a finished request's group.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +60,11 @@ class Counters:
     steps: int = 0
     refused_no_slot: int = 0
     groups_created: int = 0
+    # Host wall time in ESamp's hooks vs in whole forward_batch_generation calls: ESamp's share
+    # of the scheduler's work, measured in-process (robust to a noisy machine). On GPU it
+    # measures launch time, not kernel time.
+    esamp_seconds: float = 0.0
+    forward_seconds: float = 0.0
 
 
 @dataclass
@@ -80,6 +88,14 @@ class SchedulerState:
         self.lane = lane_cls(self.bank, self.cfg.staleness)
         self.slots = SlotTable(self.cfg.max_groups, ttl=self.cfg.group_ttl)
         self.metrics = metrics_if_enabled(list(self.report()))
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.counters.esamp_seconds += time.perf_counter() - start
 
     # --- per batch -----------------------------------------------------------------------------
 
@@ -215,6 +231,8 @@ class SchedulerState:
             "mixed_tokens": self.counters.mixed_tokens,
             "refused_no_slot": self.counters.refused_no_slot,
             "groups_created": self.counters.groups_created,
+            "esamp_seconds": round(self.counters.esamp_seconds, 6),
+            "forward_seconds": round(self.counters.forward_seconds, 6),
         }
 
 
