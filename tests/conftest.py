@@ -7,10 +7,18 @@ module-scoped (one alive at a time) rather than session-scoped. Server logs are 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA, Triton kernels run on CPU tensors in Triton's interpreter. Triton reads the flag
+# when kernels (its own standard library included) are decorated, so it is set here, before any
+# test module imports triton; servers started by the tests do not inherit it (see launch()).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from esamp_sgl.launcher import LaunchedServer
 from esamp_sgl.models import cache_root, resolve, write_tiny_llama
@@ -28,8 +36,14 @@ def smollm2_path() -> Path:
     return resolve("smollm2-135m")
 
 
-def launch(model: Path, name: str, *extra: str) -> Iterator[LaunchedServer]:
-    # Tests of Triton kernels set TRITON_INTERPRET in this process; servers must not inherit it.
-    env = {"TRITON_INTERPRET": None}
-    with LaunchedServer(str(model), extra, log_path=LOG_DIR / f"{name}.log", env=env) as server:
+# TRITON_INTERPRET is for the kernels tested in this process, not for the servers.
+SERVER_ENV: dict[str, str | None] = {"TRITON_INTERPRET": None}
+
+
+def start_server(model: Path, name: str, *flags: str) -> LaunchedServer:
+    return LaunchedServer(str(model), flags, log_path=LOG_DIR / f"{name}.log", env=SERVER_ENV)
+
+
+def launch(model: Path, name: str, *flags: str) -> Iterator[LaunchedServer]:
+    with start_server(model, name, *flags) as server:
         yield server

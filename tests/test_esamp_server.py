@@ -13,9 +13,9 @@ import pytest
 import requests
 import torch
 
-from esamp_sgl.launcher import LaunchedServer
-from tests.conftest import LOG_DIR, launch
+from tests.conftest import launch, start_server
 from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore, gen, lm_head_weight, post
+
 
 @pytest.fixture(scope="module", params=["tiny", "smollm2"])
 def model(request, tiny_model_path, smollm2_path) -> tuple[str, Path]:
@@ -26,8 +26,7 @@ def model(request, tiny_model_path, smollm2_path) -> tuple[str, Path]:
 def plain_greedy(model) -> dict[str, list[int]]:
     """Greedy output ids of a plain SGLang server (same build, ESamp off), one prompt at a time."""
     name, path = model
-    with LaunchedServer(str(path), ["--no-esamp"], log_path=LOG_DIR / f"plain-{name}.log",
-                        env={"TRITON_INTERPRET": None}) as server:
+    with start_server(path, f"plain-{name}", "--no-esamp") as server:
         return {p: gen(server, p, **GREEDY)["output_ids"] for p in PROMPTS}
 
 

@@ -7,8 +7,7 @@ import sglang as sgl
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
 import esamp_sgl
-from esamp_sgl.launcher import LaunchedServer
-from tests.conftest import LOG_DIR, launch
+from tests.conftest import launch, start_server
 
 
 @sgl.function
@@ -45,8 +44,7 @@ def named(s, group):
 
 
 def test_explore_against_a_server_without_esamp_fails_loudly(tiny_model_path):
-    with LaunchedServer(str(tiny_model_path), ["--no-esamp"], log_path=LOG_DIR / "frontend-plain.log",
-                        env={"TRITON_INTERPRET": None}) as server:
+    with start_server(tiny_model_path, "frontend-plain", "--no-esamp") as server:
         state = plain_gen.run(explore=0.5, backend=RuntimeEndpoint(server.url))
         assert isinstance(state.error(), esamp_sgl.ExploreUnavailable)
         assert "esamp-sgl serve" in str(state.error())

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import launch
+from tests.server_helpers import post
 
 PROMPTS = ["What is 7 + 5?", "Name a color of the sky.", "Write the word hello twice."]
 
@@ -20,9 +20,7 @@ def served(request, tiny_model_path, smollm2_path):
 
 
 def generate(server, payload: dict) -> dict | list:
-    resp = requests.post(server.url + "/generate", json=payload, timeout=300)
-    assert resp.status_code == 200, resp.text
-    return resp.json()
+    return post(server, "/generate", payload).json()
 
 
 def test_generates_the_requested_number_of_tokens(served):
@@ -46,9 +44,8 @@ def test_n_samples_through_native_and_openai_endpoints(served):
     outs = generate(server, {"text": "Tell me a story.", "sampling_params": {
         "max_new_tokens": 6, "temperature": 1.0, "n": 3, "ignore_eos": True}})
     assert len(outs) == 3 and all(o["meta_info"]["completion_tokens"] == 6 for o in outs)
-    resp = requests.post(server.url + "/v1/completions", json={
-        "model": "default", "prompt": "Tell me a story.", "max_tokens": 6, "n": 3, "temperature": 1.0}, timeout=300)
-    assert resp.status_code == 200, resp.text
+    resp = post(server, "/v1/completions", {
+        "model": "default", "prompt": "Tell me a story.", "max_tokens": 6, "n": 3, "temperature": 1.0})
     assert len(resp.json()["choices"]) == 3
 
 

@@ -1,26 +1,17 @@
-"""Triton kernels against their torch references: on CPU under TRITON_INTERPRET=1, on CUDA natively.
-
-Triton reads TRITON_INTERPRET when a kernel is decorated and when it runs, so on CPU the flag is
-set for this process before the kernel module is imported (tests/conftest.py keeps it out of the
-servers it starts).
-"""
+"""Triton kernels against their torch references: on CPU under TRITON_INTERPRET=1 (set by
+tests/conftest.py before anything imports triton), on CUDA natively."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
 from esamp_sgl.config import ESampConfig
 from esamp_sgl.distiller import DistillerBank
+from esamp_sgl.kernels.distill_mix import distill_mix_triton
 from esamp_sgl.latent_step import distill_and_mix_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from esamp_sgl.kernels.distill_mix import distill_mix_triton  # noqa: E402
 
 
 def _bank(slots: int, d: int, r: int, seed: int) -> DistillerBank:
