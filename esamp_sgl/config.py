@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
@@ -11,13 +12,12 @@ Init = Literal["random", "svd", "base"]
 MixVariant = Literal["plain", "orthogonal", "rescaled", "tempered"]
 FilterMode = Literal["pre", "post"]
 Optimizer = Literal["sgd", "adamw"]
-Source = Literal["embed"]
 
 INITS: tuple[str, ...] = ("random", "svd", "base")
 MIX_VARIANTS: tuple[str, ...] = ("plain", "orthogonal", "rescaled", "tempered")
 FILTER_MODES: tuple[str, ...] = ("pre", "post")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
-SOURCES: tuple[str, ...] = ("embed",)
+SOURCE_LAYER = re.compile(r"layer:(\d+)")
 
 # The server processes SGLang spawns read ESamp's config from this variable; its presence is
 # what switches ESamp on (a plain `python -m sglang.launch_server` does not set it).
@@ -30,7 +30,8 @@ class ESampConfig:
     except rank 32 + SGD, which keeps a group at ≈ 1.6 MB at d = 4096 (see bytes_per_group).
 
     source "embed": the shallow state is the layer-0 input norm of the token embedding (the
-    reference's choice; context-free, computed from input ids)."""
+    reference's choice; context-free, computed from input ids). "layer:N": the un-normalized
+    residual stream after decoder layer N, captured by the model itself."""
 
     rank: int = 32
     init: Init = "random"
@@ -46,7 +47,7 @@ class ESampConfig:
     max_groups: int = 64
     group_ttl: float = 600.0
     max_beta: float = 4.0
-    source: Source = "embed"
+    source: str = "embed"
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "rank", self.rank, "must be >= 1")
@@ -61,11 +62,18 @@ class ESampConfig:
         _check(self.max_groups >= 1, "max_groups", self.max_groups, "must be >= 1")
         _check(self.max_beta > 0, "max_beta", self.max_beta, "must be > 0")
         _check(self.group_ttl >= 0, "group_ttl", self.group_ttl, "must be >= 0")
-        _check(self.source in SOURCES, "source", self.source, f"must be one of {SOURCES}")
+        _check(self.source == "embed" or SOURCE_LAYER.fullmatch(self.source) is not None, "source", self.source,
+               "must be 'embed' or 'layer:N'")
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @property
+    def source_layer(self) -> int | None:
+        """N for source "layer:N", None for "embed"."""
+        match = SOURCE_LAYER.fullmatch(self.source)
+        return None if match is None else int(match.group(1))
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))

@@ -123,8 +123,9 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
         rows = ends.to(hidden_states.device)
     else:
         return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
+    aux_hidden_states = args[0] if args else kwargs.get("aux_hidden_states")
     with _state.timed():
-        mixed, h_hat, token_info = _state.mix(input_ids, hidden_states, rows)
+        mixed, h_hat, token_info = _state.mix(input_ids, hidden_states, aux_hidden_states, rows)
     if _cfg.filter_mode == "pre":
         output = original(processor, input_ids, mixed, lm_head, logits_metadata, *args, **kwargs)
     else:

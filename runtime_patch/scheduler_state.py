@@ -82,6 +82,8 @@ class SchedulerState:
     def __post_init__(self) -> None:
         embed, norm = shallow_modules(self.model)
         self._embed, self._norm = embed, norm
+        if self.cfg.source_layer is not None:
+            capture_layer(self.model, self.cfg.source_layer)
         hidden = embed.weight.shape[1]
         self.bank = DistillerBank(self.cfg.max_groups, hidden, self.cfg, device=self.device)
         lane_cls = CudaStreamLane if self.device.type == "cuda" else DeferredLane
@@ -157,16 +159,21 @@ class SchedulerState:
 
     # --- between the final norm and the LM head ------------------------------------------------
 
-    def shallow_state(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Layer-0 input norm of the token embedding (context-free: from the ids alone)."""
-        return self._norm(self._embed(input_ids))
+    def shallow_state(self, input_ids: torch.Tensor, aux_hidden_states, rows: torch.Tensor) -> torch.Tensor:
+        """The distiller's input for ``rows``: the layer-0 input norm of the token embedding
+        (source "embed", from the ids alone), or the residual the model captured ("layer:N";
+        SGLang passes a list of captured tensors, or one packed tensor)."""
+        if self.cfg.source_layer is None:
+            return self._norm(self._embed(input_ids.index_select(0, rows)))
+        captured = aux_hidden_states[0] if isinstance(aux_hidden_states, (list, tuple)) else aux_hidden_states
+        return captured.index_select(0, rows)
 
-    def mix(self, input_ids: torch.Tensor, hidden: torch.Tensor, rows: torch.Tensor
+    def mix(self, input_ids: torch.Tensor, hidden: torch.Tensor, aux_hidden_states, rows: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Hidden states with the sampled ``rows`` mixed, ĥ of those rows, one info entry per row."""
         step = self.current
         self.lane.begin_step()
-        x = self.shallow_state(input_ids.index_select(0, rows))
+        x = self.shallow_state(input_ids, aux_hidden_states, rows)
         h = hidden.index_select(0, rows)
         slot = torch.tensor(step.slot, dtype=torch.int64)
         groups = RowGroups.of(slot, self.device)
@@ -234,6 +241,19 @@ class SchedulerState:
             "esamp_seconds": round(self.counters.esamp_seconds, 6),
             "forward_seconds": round(self.counters.forward_seconds, 6),
         }
+
+
+def capture_layer(model: torch.nn.Module, layer: int) -> None:
+    """Make the model hand the residual after decoder ``layer`` to the logits processor (SGLang's
+    EAGLE3 capture, which speculative decoding would also use: serve refuses the two together)."""
+    layers = len(model.model.layers)
+    if not hasattr(model, "set_eagle3_layers_to_capture"):
+        raise RuntimeError(f"ESamp source layer:{layer} needs a model that can capture a layer's residual "
+                           f"(set_eagle3_layers_to_capture); {type(model).__name__} cannot. Use --esamp-source embed.")
+    if not 0 <= layer <= layers - 2:
+        raise RuntimeError(f"ESamp source layer:{layer}: the model has {layers} decoder layers; "
+                           f"use a layer in 0..{layers - 2}")
+    model.set_eagle3_layers_to_capture([layer])
 
 
 def shallow_modules(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -136,7 +136,8 @@ def test_bad_values_are_http_400_naming_the_field(server, esamp, field):
     resp = post(server, "/generate", {"text": "x", "sampling_params": {"max_new_tokens": 2,
                                                                        "custom_params": {"esamp": esamp}}}, ok=False)
     assert resp.status_code == 400 and field in resp.text
-    assert gen(server, "x", max_new_tokens=2, **explore(0.5))["meta_info"]["esamp"]["tokens_mixed"] == 2
+    after = gen(server, "x", max_new_tokens=2, ignore_eos=True, **explore(0.5))
+    assert after["meta_info"]["esamp"]["tokens_mixed"] == 2
 
 
 def test_regex_constraint_holds_while_exploring(server):
@@ -157,7 +158,8 @@ def test_server_survives_an_abort_mid_generation(server):
     while esamp_stats(server)["requests_exploring"] and time.monotonic() < deadline:
         time.sleep(0.5)
     assert esamp_stats(server)["requests_exploring"] == 0
-    assert gen(server, PROMPTS[1], max_new_tokens=3, **explore(0.5))["meta_info"]["esamp"]["tokens_mixed"] == 3
+    after = gen(server, PROMPTS[1], max_new_tokens=3, ignore_eos=True, **explore(0.5))
+    assert after["meta_info"]["esamp"]["tokens_mixed"] == 3
 
 
 def test_seeded_requests_are_reproducible(server):

@@ -1,5 +1,5 @@
-"""Server options on a real server (tiny model): post-filter mode (the base model picks the
-candidates) and ESamp's gauges on SGLang's Prometheus /metrics."""
+"""Server options on one real server (tiny model): post-filter mode (the base model picks the
+candidates), a captured layer as the distiller's source, and ESamp's gauges on /metrics."""
 
 from __future__ import annotations
 
@@ -12,25 +12,37 @@ from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, explore, gen, lm_hea
 
 
 @pytest.fixture(scope="module")
-def post_filter_server(tiny_model_path):
-    yield from launch(tiny_model_path, "esamp-tiny-post", "--esamp-filter-mode", "post", "--enable-metrics")
+def server(tiny_model_path):
+    yield from launch(tiny_model_path, "esamp-tiny-options", "--esamp-filter-mode", "post",
+                      "--esamp-source", "layer:1", "--esamp-lr", "0.05", "--enable-metrics")
 
 
-def test_post_filter_mode_keeps_the_base_candidates(post_filter_server, tiny_model_path):
+def test_post_filter_mode_keeps_the_base_candidates(server, tiny_model_path):
     W = lm_head_weight(tiny_model_path)
-    greedy_plain = gen(post_filter_server, PROMPTS[0], **GREEDY)["output_ids"]
+    greedy_plain = gen(server, PROMPTS[0], **GREEDY)["output_ids"]
     # greedy: the base keeps one candidate, so reweighting cannot change it
-    assert gen(post_filter_server, PROMPTS[0], **GREEDY, **explore(2.0))["output_ids"] == greedy_plain
-    out = gen(post_filter_server, PROMPTS[1], temperature=1.0, top_k=3, max_new_tokens=N_TOKENS, ignore_eos=True,
+    assert gen(server, PROMPTS[0], **GREEDY, **explore(2.0))["output_ids"] == greedy_plain
+    out = gen(server, PROMPTS[1], temperature=1.0, top_k=3, max_new_tokens=N_TOKENS, ignore_eos=True,
               **explore(2.0, debug=True))
     for token, step in zip(out["output_ids"], out["meta_info"]["esamp_debug"]):
         assert token in (W @ torch.tensor(step["h"])).topk(3).indices.tolist()
     assert out["meta_info"]["esamp"]["tokens_mixed"] == N_TOKENS
 
 
-def test_counters_reach_prometheus_metrics(post_filter_server):
-    gen(post_filter_server, PROMPTS[2], temperature=1.0, max_new_tokens=20, ignore_eos=True, **explore(1.0))
-    metrics = requests.get(post_filter_server.url + "/metrics", timeout=30).text
+def test_counters_reach_prometheus_metrics(server):
+    gen(server, PROMPTS[2], temperature=1.0, max_new_tokens=20, ignore_eos=True, **explore(1.0))
+    metrics = requests.get(server.url + "/metrics", timeout=30).text
     mixed = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("esamp:mixed_tokens")]
     assert mixed and mixed[0] > 0
     assert "esamp:groups_live" in metrics and "esamp:training_steps" in metrics
+
+
+def test_layer_source_explores_and_learns(server):
+    prompt = PROMPTS[2]
+    sampled = {"temperature": 1.0, "max_new_tokens": N_TOKENS, "ignore_eos": True}
+    first = gen(server, prompt, **sampled, **explore(1.0, group="layer-src", seed=5))
+    for _ in range(3):
+        gen(server, prompt, **sampled, **explore(1.0, group="layer-src", seed=5))
+    later = gen(server, prompt, **sampled, **explore(1.0, group="layer-src", seed=5))
+    assert first["meta_info"]["esamp"]["tokens_mixed"] == N_TOKENS
+    assert later["meta_info"]["esamp"]["mean_novelty"] < first["meta_info"]["esamp"]["mean_novelty"]

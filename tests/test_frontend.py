@@ -16,7 +16,8 @@ def forked(s, question, k):
     forks = s.fork(k)
     forks += sgl.gen("answer", max_tokens=6, temperature=1.0, explore=0.5)
     s["groups"] = [f.get_meta_info("answer")["esamp"]["group"] for f in forks]
-    s["mixed"] = [f.get_meta_info("answer")["esamp"]["tokens_mixed"] for f in forks]
+    s["mixed"] = [(f.get_meta_info("answer")["esamp"]["tokens_mixed"], f.get_meta_info("answer")["completion_tokens"])
+                  for f in forks]
 
 
 @sgl.function
@@ -63,7 +64,7 @@ def test_forks_share_one_group_and_every_token_is_mixed(backend):
     state = forked.run("What is 2 + 2?", 4)
     assert state.error() is None
     assert len(set(state["groups"])) == 1 and len(state["groups"]) == 4
-    assert state["mixed"] == [6, 6, 6, 6]
+    assert all(mixed == produced > 0 for mixed, produced in state["mixed"])
     other = forked.run("What is 2 + 2?", 2)
     assert set(other["groups"]) != set(state["groups"])  # a new fork, a new group
 
@@ -92,7 +93,8 @@ def test_a_named_group_is_shared_across_programs(backend):
 def test_streaming_with_explore(backend):
     state = plain_gen.run(explore=0.5, stream=True)
     text = "".join(state.text_iter("out"))
-    assert text and state.get_meta_info("out")["esamp"]["tokens_mixed"] == 4
+    meta = state.get_meta_info("out")
+    assert text and meta["esamp"]["tokens_mixed"] == meta["completion_tokens"] > 0
 
 
 @pytest.mark.parametrize("value,match", [(-0.1, ">= 0"), (float("nan"), ">= 0"), ("high", "a number"),

@@ -64,3 +64,9 @@ def test_unknown_model_is_a_clear_cli_error(tmp_path, capsys):
 def test_unknown_flag_outside_serve_is_refused():
     with pytest.raises(SystemExit):
         main(["models", "list", "--bogus"])
+
+
+def test_source_flag_accepts_embed_or_a_layer(tiny_model_path):
+    assert build_launch(str(tiny_model_path), ["--esamp-source", "layer:2"], cpu=True).esamp.source_layer == 2
+    with pytest.raises(ValueError, match="source='layer:x'"):
+        build_launch(str(tiny_model_path), ["--esamp-source", "layer:x"], cpu=True)
