@@ -3,11 +3,9 @@ correct wins (ties: the majority answer among candidates)."""
 
 from __future__ import annotations
 
-import argparse
-
 import sglang as sgl
 
-from programs.common import Problem, addition_problems, last_number, majority, sampling_kwargs
+from programs.common import Problem, arithmetic_main, last_number, majority, raise_errors, sampling_kwargs
 
 
 @sgl.function
@@ -28,9 +26,7 @@ def solve(problems: list[Problem], n: int = 4, explore: float | None = None, max
         [{"question": p.question, "n": n, "beta": explore, "max_tokens": max_tokens, "temperature": temperature}
          for p in problems], num_threads=num_threads, progress_bar=progress)
     records = []
-    for problem, state in zip(problems, states):
-        if state.error() is not None:
-            raise state.error()
+    for problem, state in zip(problems, raise_errors(states)):
         finals = [last_number(a) for a in state["answers"]]
         accepted = [f for f, v in zip(finals, state["verdicts"]) if v == "yes" and f is not None]
         chosen = accepted[0] if accepted else majority(finals)
@@ -40,15 +36,5 @@ def solve(problems: list[Problem], n: int = 4, explore: float | None = None, max
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="esamp-sgl run best-of-n", description=__doc__)
-    parser.add_argument("--url", default="http://127.0.0.1:30000")
-    parser.add_argument("--problems", type=int, default=10)
-    parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--explore", type=float, default=None)
-    args = parser.parse_args(argv)
-    sgl.set_default_backend(sgl.RuntimeEndpoint(args.url))
-    records = solve(addition_problems(args.problems), n=args.n, explore=args.explore)
-    for r in records:
-        print(f"{'✓' if r['correct'] else '✗'} chosen={r['chosen']} expected={r['expected']} "
-              f"answers={r['answers']} verdicts={r['verdicts']}")
-    print(f"accuracy {sum(r['correct'] for r in records) / len(records):.2f}")
+    arithmetic_main(argv, "best-of-n", __doc__, solve, ("n", 4), 10,
+                    lambda r: f"chosen={r['chosen']} answers={r['answers']} verdicts={r['verdicts']}")

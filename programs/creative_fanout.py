@@ -7,7 +7,7 @@ import argparse
 
 import sglang as sgl
 
-from programs.common import sampling_kwargs
+from programs.common import raise_errors, sampling_kwargs
 
 
 @sgl.function
@@ -21,9 +21,7 @@ def creative_fanout(s, prompt, n, beta, max_tokens, temperature):
 
 def fan_out(prompt: str, n: int = 4, explore: float | None = None, max_tokens: int = 64,
             temperature: float = 0.9) -> list[dict]:
-    state = creative_fanout.run(prompt, n, explore, max_tokens, temperature)
-    if state.error() is not None:
-        raise state.error()
+    (state,) = raise_errors([creative_fanout.run(prompt, n, explore, max_tokens, temperature)])
     return [{"text": t, "novelty": v} for t, v in zip(state["drafts"], state["novelty"])]
 
 

@@ -5,11 +5,9 @@ With ``explore``, the k forks share one distiller and are pushed apart.
 
 from __future__ import annotations
 
-import argparse
-
 import sglang as sgl
 
-from programs.common import Problem, addition_problems, last_number, majority, sampling_kwargs
+from programs.common import Problem, arithmetic_main, last_number, majority, raise_errors, sampling_kwargs
 
 
 @sgl.function
@@ -29,9 +27,7 @@ def solve(problems: list[Problem], k: int = 8, explore: float | None = None, max
         [{"question": p.question, "k": k, "beta": explore, "max_tokens": max_tokens, "temperature": temperature}
          for p in problems], num_threads=num_threads, progress_bar=progress)
     records = []
-    for problem, state in zip(problems, states):
-        if state.error() is not None:
-            raise state.error()
+    for problem, state in zip(problems, raise_errors(states)):
         finals = [last_number(a) for a in state["answers"]]
         vote = majority(finals)
         records.append({"question": problem.question, "expected": problem.answer, "answers": finals,
@@ -41,14 +37,5 @@ def solve(problems: list[Problem], k: int = 8, explore: float | None = None, max
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="esamp-sgl run self-consistency", description=__doc__)
-    parser.add_argument("--url", default="http://127.0.0.1:30000")
-    parser.add_argument("--problems", type=int, default=10)
-    parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--explore", type=float, default=None)
-    args = parser.parse_args(argv)
-    sgl.set_default_backend(sgl.RuntimeEndpoint(args.url))
-    records = solve(addition_problems(args.problems), k=args.k, explore=args.explore)
-    for r in records:
-        print(f"{'✓' if r['correct'] else '✗'} vote={r['vote']} expected={r['expected']} answers={r['answers']}")
-    print(f"accuracy {sum(r['correct'] for r in records) / len(records):.2f}")
+    arithmetic_main(argv, "self-consistency", __doc__, solve, ("k", 8), 10,
+                    lambda r: f"vote={r['vote']} answers={r['answers']}")

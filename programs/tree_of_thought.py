@@ -3,11 +3,9 @@ majority over the leaves wins. Each level is a fork, so each level explores as i
 
 from __future__ import annotations
 
-import argparse
-
 import sglang as sgl
 
-from programs.common import Problem, addition_problems, last_number, majority, sampling_kwargs
+from programs.common import Problem, arithmetic_main, last_number, majority, raise_errors, sampling_kwargs
 
 
 @sgl.function
@@ -31,9 +29,7 @@ def solve(problems: list[Problem], breadth: int = 2, explore: float | None = Non
         [{"question": p.question, "breadth": breadth, "beta": explore, "max_tokens": max_tokens,
           "temperature": temperature} for p in problems], num_threads=num_threads, progress_bar=progress)
     records = []
-    for problem, state in zip(problems, states):
-        if state.error() is not None:
-            raise state.error()
+    for problem, state in zip(problems, raise_errors(states)):
         finals = [last_number(a) for a in state["leaves"]]
         vote = majority(finals)
         records.append({"question": problem.question, "expected": problem.answer, "leaves": finals,
@@ -42,14 +38,5 @@ def solve(problems: list[Problem], breadth: int = 2, explore: float | None = Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="esamp-sgl run tree-of-thought", description=__doc__)
-    parser.add_argument("--url", default="http://127.0.0.1:30000")
-    parser.add_argument("--problems", type=int, default=5)
-    parser.add_argument("--breadth", type=int, default=2)
-    parser.add_argument("--explore", type=float, default=None)
-    args = parser.parse_args(argv)
-    sgl.set_default_backend(sgl.RuntimeEndpoint(args.url))
-    records = solve(addition_problems(args.problems), breadth=args.breadth, explore=args.explore)
-    for r in records:
-        print(f"{'✓' if r['correct'] else '✗'} vote={r['vote']} expected={r['expected']} leaves={r['leaves']}")
-    print(f"accuracy {sum(r['correct'] for r in records) / len(records):.2f}")
+    arithmetic_main(argv, "tree-of-thought", __doc__, solve, ("breadth", 2), 5,
+                    lambda r: f"vote={r['vote']} leaves={r['leaves']}")
