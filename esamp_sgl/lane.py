@@ -38,7 +38,6 @@ class DeferredLane:
     def __init__(self, bank: DistillerBank, staleness: int) -> None:
         self.bank, self.staleness = bank, staleness
         self.step = -1  # the current decode step
-        self.applied_through = -1  # last job index applied
         self._queue: deque[Job] = deque()
 
     def begin_step(self) -> int:
@@ -78,7 +77,6 @@ class DeferredLane:
         while self._queue and self._queue[0].step <= last:
             job = self._queue.popleft()
             self.bank.train_step(job.x, job.h, job.slot)
-            self.applied_through = job.step
 
 
 class CudaStreamLane(DeferredLane):
@@ -133,7 +131,6 @@ class CudaStreamLane(DeferredLane):
         self.main.wait_event(done)
         for pub, master in zip(self.published, self.bank.params):
             pub[slots] = master[slots]
-        self.applied_through = step
 
     def _launch_ready(self) -> None:
         while self._queue and self._queue[0].step + self.staleness in self._published_events:

@@ -77,10 +77,6 @@ class SlotTable:
             self.drop(k)
         return freed
 
-    def slot_of(self, key: str) -> int | None:
-        entry = self._entries.get(key)
-        return None if entry is None else entry.slot
-
     def _take_slot(self) -> int:
         if self._free:
             return self._free.pop()
