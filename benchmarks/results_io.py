@@ -12,13 +12,22 @@ import torch
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
-def save_result(name: str, result: dict) -> Path:
-    record = {
-        "command": " ".join([".venv/bin/python", *sys.argv]),
+def run_metadata() -> dict:
+    """The command that is running, the versions it runs with, and the machine."""
+    from importlib.metadata import version
+
+    script = sys.argv[0].endswith(".py")
+    argv = [".venv/bin/python", *sys.argv] if script else [Path(sys.argv[0]).name, *sys.argv[1:]]
+    return {
+        "command": " ".join(argv),
+        "versions": {name: version(name) for name in ("esamp-sgl", "sglang", "torch", "transformers")},
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
-        **result,
+                    "threads": torch.get_num_threads()},
     }
+
+
+def save_result(name: str, result: dict) -> Path:
+    record = {**run_metadata(), **result}
     path = RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))

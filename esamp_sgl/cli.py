@@ -43,6 +43,19 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from benchmarks.quality.cli import main as quality_main
+
+    return quality_main(rest)
+
+
+def _cmd_base(args: argparse.Namespace, rest: list[str]) -> int:
+    from esamp_sgl.serve import build_launch, prepare
+
+    prepare(build_launch(args.model, ["--esamp-init", "base", *rest]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esamp-sgl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run an SGLang program against a server: " + ", ".join(PROGRAMS))
     run.add_argument("program", choices=sorted(PROGRAMS))
     run.set_defaults(func=_cmd_run, passthrough=True)
+    bench = sub.add_parser("bench", add_help=False, help="benchmarks: quality (see `esamp-sgl bench quality -h`)")
+    bench.add_argument("suite", choices=["quality"])
+    bench.set_defaults(func=_cmd_bench, passthrough=True)
+
+    base = sub.add_parser("base-distiller", help="pre-train and cache a model's base distiller (--esamp-source, "
+                                                 "--esamp-rank select it)")
+    base.add_argument("--model", default="smollm2-135m")
+    base.set_defaults(func=_cmd_base, passthrough=True)
     return parser
 
 

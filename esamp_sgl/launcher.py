@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from esamp_sgl.serve import build_launch
+from esamp_sgl.serve import build_launch, prepare
 from esamp_sgl.server_check import ServerNotReady, check_esamp_active, wait_healthy
 
 
@@ -36,6 +36,7 @@ class LaunchedServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         launch = build_launch(model, [*sglang_args, "--host", "127.0.0.1", "--port", str(self.port)])
         self.esamp = launch.esamp
+        prepare(launch)
         self._log = open(self.log_path, "w")
         merged = {**launch.env, **(env or {})}
         self.process = subprocess.Popen(launch.command, env={k: v for k, v in merged.items() if v is not None},

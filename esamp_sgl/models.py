@@ -178,3 +178,9 @@ def _tiny_tokenizer(vocab: int):
         tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
         unk_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
     )
+
+
+def chat_text(tokenizer, user_text: str) -> str:
+    """One user turn in the model's chat template, ready for the assistant's reply."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+                                         add_generation_prompt=True)

@@ -116,6 +116,10 @@ def build_launch(model: str | None, args: Sequence[str], *, cpu: bool | None = N
         env.update(CPU_ENV)
     if esamp is not None:
         _refuse_unsupported(args)
+        if esamp.warmup_steps:
+            raise ValueError("--esamp-warmup-steps: warm-up on the prompt's prefill states is not wired into the "
+                             "server yet (with the radix cache, a cached prompt computes no states to train on); "
+                             "use 0")
         env[ENV_VAR] = esamp.to_env()
         if not on_cpu:
             defaults.update(GPU_ESAMP_DEFAULTS)
@@ -125,11 +129,31 @@ def build_launch(model: str | None, args: Sequence[str], *, cpu: bool | None = N
     return ServerLaunch([sys.executable, "-m", "sglang.launch_server", *args], env, esamp)
 
 
+def prepare(launch: ServerLaunch) -> None:
+    """What must exist before the server starts: with ``--esamp-init base``, the model's base
+    distiller (pre-trained on first use, then cached beside the model)."""
+    if launch.esamp is None or launch.esamp.init != "base":
+        return
+    from esamp_sgl.base_distiller import base_path, ensure_base
+
+    model_path = _value(launch.command, "--model-path")
+    if not os.path.isdir(model_path):
+        raise ValueError(f"--esamp-init base needs a local model directory, got {model_path!r}")
+    cached = base_path(model_path, launch.esamp).is_file()
+    if not cached:
+        print(f"esamp-sgl: pre-training the base distiller for {model_path} (once; cached beside the model)",
+              file=sys.stderr, flush=True)
+    stats = ensure_base(model_path, launch.esamp)
+    print(f"esamp-sgl: base distiller {base_path(model_path, launch.esamp).name}: held-out relative error "
+          f"{stats.held_out_relative_error:.3f} on {stats.rows} rows", file=sys.stderr, flush=True)
+
+
 def serve(model: str | None, args: Sequence[str]) -> int:
     """Run the server in the foreground; with ESamp on, stop it if ESamp is not active in it."""
     from esamp_sgl.server_check import EsampNotActive, wait_until_esamp_ready
 
     launch = build_launch(model, args)
+    prepare(launch)
     print("esamp-sgl serve:", " ".join(launch.command), file=sys.stderr, flush=True)
     process = subprocess.Popen(launch.command, env=launch.env)
     if launch.esamp is not None:

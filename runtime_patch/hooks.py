@@ -80,7 +80,7 @@ def attach_to_worker(result: None, worker: Any, *args: Any, **kwargs: Any) -> No
     if kwargs.get("is_draft_worker") or _state is not None:
         return
     runner = worker.model_runner
-    _state = SchedulerState(_cfg, runner.model, torch.device(runner.device))
+    _state = SchedulerState(_cfg, runner.model, torch.device(runner.device), runner.model_config.model_path)
 
 
 def around_forward_batch(original: Any, worker: Any, batch: Any = None, *args: Any, **kwargs: Any) -> Any:

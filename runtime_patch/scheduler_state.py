@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from esamp_sgl import params as esamp_params
+from esamp_sgl.base_distiller import load_base
 from esamp_sgl.config import ESampConfig
 from esamp_sgl.distiller import DistillerBank, RowGroups
 from esamp_sgl.lane import CudaStreamLane, DeferredLane
@@ -72,6 +73,7 @@ class SchedulerState:
     cfg: ESampConfig
     model: torch.nn.Module
     device: torch.device
+    model_path: str
     bank: DistillerBank = field(init=False)
     lane: DeferredLane = field(init=False)
     slots: SlotTable = field(init=False)
@@ -85,7 +87,8 @@ class SchedulerState:
         if self.cfg.source_layer is not None:
             capture_layer(self.model, self.cfg.source_layer)
         hidden = embed.weight.shape[1]
-        self.bank = DistillerBank(self.cfg.max_groups, hidden, self.cfg, device=self.device)
+        self.bank = DistillerBank(self.cfg.max_groups, hidden, self.cfg, device=self.device,
+                                  **initial_weights(self.cfg, self.model, self.model_path))
         lane_cls = CudaStreamLane if self.device.type == "cuda" else DeferredLane
         self.lane = lane_cls(self.bank, self.cfg.staleness)
         self.slots = SlotTable(self.cfg.max_groups, ttl=self.cfg.group_ttl)
@@ -241,6 +244,17 @@ class SchedulerState:
             "esamp_seconds": round(self.counters.esamp_seconds, 6),
             "forward_seconds": round(self.counters.forward_seconds, 6),
         }
+
+
+def initial_weights(cfg: ESampConfig, model: torch.nn.Module, model_path: str) -> dict:
+    """DistillerBank's ``base``/``mlp`` arguments for ``cfg.init`` (empty for random)."""
+    if cfg.init == "base":
+        return {"base": load_base(model_path, cfg)}
+    if cfg.init == "svd":
+        mlp = model.model.layers[-1].mlp
+        gate, up = mlp.gate_up_proj.weight.detach().chunk(2, dim=0)  # SGLang merges [gate; up]
+        return {"mlp": {"gate_proj": gate, "up_proj": up, "down_proj": mlp.down_proj.weight.detach()}}
+    return {}
 
 
 def capture_layer(model: torch.nn.Module, layer: int) -> None:

@@ -43,8 +43,9 @@ def main(pyproject_path: str) -> None:
     reqs = [r for line in requires("sglang") or [] if (r := _wanted(line, set()))]
     with open(pyproject_path, "rb") as f:
         project = tomllib.load(f)["project"]
-    own = project["dependencies"] + project["optional-dependencies"]["dev"]
-    reqs += [r for line in own if (r := _wanted(line, {"dev"})) and r.name != "sglang"]
+    extras = project["optional-dependencies"]
+    own = project["dependencies"] + extras["dev"] + extras["bench"]
+    reqs += [r for line in own if (r := _wanted(line, {"dev", "bench"})) and r.name != "sglang"]
     for req in reqs:
         print(req)
 

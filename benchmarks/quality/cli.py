@@ -1,0 +1,70 @@
+"""``esamp-sgl bench quality``: screen recipes, draw frontiers, measure writing diversity, report.
+
+Stages write JSON under the results directory (``quality_<stage>[_quick].json``); each point is
+saved as it finishes and skipped when the command is run again, so a stopped run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks.quality import plans
+from benchmarks.quality.recipes import RECIPES
+from benchmarks.quality.run import ResultsFile, run_points
+from benchmarks.quality.tasks import TASKS
+from benchmarks.results_io import RESULTS_DIR, run_metadata
+
+STAGES = ("screen", "frontier", "writing", "report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esamp-sgl bench quality", description=__doc__)
+    parser.add_argument("stages", nargs="*", metavar="STAGE", help=f"of {', '.join(STAGES)} (default: all, in order)")
+    parser.add_argument("--quick", action="store_true", help="a few problems and samples: minutes, not an hour")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tasks", default="chain_sum,products", help=f"comma-separated, of {sorted(TASKS)}")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="recipes to screen")
+    parser.add_argument("--finalists", default=",".join(plans.DEFAULT_FINALISTS), help="recipes on the frontier")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    return parser
+
+
+def _names(text: str, known: dict, what: str) -> list[str]:
+    names = [t for t in text.split(",") if t]
+    unknown = [t for t in names if t not in known]
+    if unknown or not names:
+        raise ValueError(f"unknown {what} {unknown}; known: {sorted(known)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+    tasks = _names(args.tasks, TASKS, "task")
+    recipes = _names(args.recipes, RECIPES, "recipe")
+    finalists = _names(args.finalists, RECIPES, "recipe")
+    suffix = "_quick" if args.quick else ""
+    log_dir = args.results_dir / "logs"
+    for stage in args.stages or STAGES:
+        path = args.results_dir / f"quality_{stage}{suffix}.json"
+        if stage in ("screen", "frontier"):
+            size = plans.SIZES[(stage, args.quick)]
+            points = (plans.screen_points(recipes, args.quick) if stage == "screen"
+                      else plans.frontier_points(tasks, finalists, args.quick))
+            results = ResultsFile(path, {"model": args.model, **asdict(size)})
+            run_points(points, results, model=args.model, size=size, log_dir=log_dir)
+            results.set_run(run_metadata())
+        elif stage == "writing":
+            from benchmarks.quality.writing import run_writing
+
+            run_writing(args.model, finalists[0], path, quick=args.quick, log_dir=log_dir)
+        else:
+            from benchmarks.quality.report import write_report
+
+            write_report(args.results_dir, suffix, readme=args.results_dir.parent / "README.md")
+    return 0

@@ -1,0 +1,54 @@
+"""``esamp-sgl bench quality --quick`` end to end on the tiny model: real servers (an SVD-init
+recipe and a base-distiller recipe), saved points, resumption, the report and its plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from esamp_sgl.base_distiller import base_path, base_stats
+from esamp_sgl.config import ESampConfig
+
+BENCH = [sys.executable, "-m", "esamp_sgl.cli", "bench", "quality"]
+
+
+def _bench(tiny_model_path: Path, results: Path, *stages: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [*stages, "--quick", "--model", str(tiny_model_path), "--tasks", "products", "--recipes", "svd",
+            "--finalists", "base", "--results-dir", str(results)]
+    return subprocess.run(BENCH + args, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_quick_benchmark_runs_every_stage_and_resumes(tiny_model_path: Path, tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    (tmp_path / "README.md").write_text("# benchmarks\n")
+    run = _bench(tiny_model_path, results)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+    screen = json.loads((results / "quality_screen_quick.json").read_text())
+    assert set(screen["points"]) == {"chain_sum/svd/plain-T0.8", "chain_sum/svd/svd-T0.8-b1"}
+    for key, point in screen["points"].items():
+        assert len(point["problems"]) == 3 and all(len(p["answers"]) == 4 for p in point["problems"])
+        explores = "b1" in key
+        assert all((p["novelty"] is not None) == explores for p in point["problems"])
+    frontier = json.loads((results / "quality_frontier_quick.json").read_text())
+    assert {p["method"]["family"] for p in frontier["points"].values()} == {"plain", "fire", "base"}
+    assert "bench quality" in frontier["run"]["command"]
+    writing = json.loads((results / "quality_writing_quick.json").read_text())
+    for point in writing["points"].values():
+        assert all(0 < p["vendi"] <= 4 + 1e-6 and p["log_ppl"] > 0 for p in point["prompts"])
+
+    stats = base_stats(tiny_model_path, ESampConfig(init="base"))
+    assert base_path(tiny_model_path, ESampConfig(init="base")).is_file() and stats is not None
+    assert 0 < stats.held_out_relative_error < 1.0  # better than the untrained distiller's ≈ 1+
+
+    readme = (tmp_path / "README.md").read_text()
+    assert "| ESamp point | vs plain |" in readme and "Vendi" in readme and "Screening" in readme
+    assert (results / "quality_frontier_products_quick.png").stat().st_size > 0
+    assert (results / "quality_writing_quick.png").stat().st_size > 0
+
+    again = _bench(tiny_model_path, results, "screen", "frontier")  # every point saved: no server starts
+    assert again.returncode == 0 and "server ready" not in again.stdout
