@@ -7,8 +7,8 @@ Rounds alternate so drift on this shared machine hits both sides alike:
   - ESamp server: rounds without explore and with explore β = 0.5.
 Reported as ratios of medians, and — robust to the machine's noise — ESamp's share of the
 scheduler's forward time in explore rounds, from the server's own counters. Run:
-  .venv/bin/python benchmarks/throughput.py [--rounds 2] [--max-tokens 128]
-Writes benchmarks/results/throughput.json.
+  .venv/bin/python benchmarks/throughput.py [--rounds 2] [--max-tokens 128] [--recipe NAME]
+Writes benchmarks/results/throughput.json (throughput_NAME.json with --recipe).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import requests
 
+from benchmarks.quality.recipes import RECIPES, recipe_min_p
 from esamp_sgl.launcher import LaunchedServer
 from esamp_sgl.server_check import esamp_states
 from results_io import save_result
@@ -30,10 +31,10 @@ PROMPTS = [f"Question {i}: what is {i + 3} + {2 * i + 5}? Think step by step." f
 FORKS = 8
 
 
-def run_round(url: str, beta: float | None, max_tokens: int) -> float:
+def run_round(url: str, beta: float | None, max_tokens: int, min_p: float = 0.0) -> float:
     """Output tokens per second for one round of the workload."""
     def one(prompt: str) -> int:
-        sampling = {"temperature": 0.8, "max_new_tokens": max_tokens, "ignore_eos": True, "n": FORKS}
+        sampling = {"temperature": 0.8, "max_new_tokens": max_tokens, "ignore_eos": True, "n": FORKS, "min_p": min_p}
         if beta is not None:
             sampling["custom_params"] = {"esamp": {"beta": beta}}
         outs = requests.post(url + "/generate", json={"text": prompt, "sampling_params": sampling}, timeout=3600).json()
@@ -50,20 +51,26 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--recipe", choices=sorted(RECIPES), help="ESamp server recipe (benchmarks/quality/recipes.py); "
+                        "default: the server's defaults. Post-filter recipes sample with their min-p.")
     args = parser.parse_args()
+    flags = RECIPES[args.recipe] if args.recipe else []
+    min_p = recipe_min_p(args.recipe) if args.recipe else 0.0
     logs = Path(tempfile.gettempdir())
     measured: dict[str, list[float]] = {"plain_server": [], "esamp_server_no_explore": [], "esamp_server_explore": []}
     esamp_share: list[float] = []
 
     with LaunchedServer(args.model, ["--no-esamp"], log_path=logs / "bench-plain.log") as server:
         for r in range(args.rounds):
-            measured["plain_server"].append(run_round(server.url, None, args.max_tokens))
+            measured["plain_server"].append(run_round(server.url, None, args.max_tokens, min_p))
             print(f"plain server round {r}: {measured['plain_server'][-1]:.1f} tok/s", flush=True)
-    with LaunchedServer(args.model, [], log_path=logs / "bench-esamp.log") as server:
+    started = time.perf_counter()
+    with LaunchedServer(args.model, flags, log_path=logs / "bench-esamp.log", startup_timeout=1800) as server:
+        esamp_startup = time.perf_counter() - started
         for r in range(args.rounds):
             for key, beta in (("esamp_server_explore", 0.5), ("esamp_server_no_explore", None)):
                 before = esamp_states(server.url)[0]
-                measured[key].append(run_round(server.url, beta, args.max_tokens))
+                measured[key].append(run_round(server.url, beta, args.max_tokens, min_p))
                 after = esamp_states(server.url)[0]
                 print(f"{key} round {r}: {measured[key][-1]:.1f} tok/s", flush=True)
                 if beta is not None:
@@ -74,7 +81,8 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in measured.items()}
     result = {
         "workload": {"prompts": len(PROMPTS), "forks": FORKS, "max_tokens": args.max_tokens, "temperature": 0.8,
-                     "beta": 0.5, "model": args.model},
+                     "min_p": min_p, "beta": 0.5, "model": args.model, "esamp_flags": flags},
+        "esamp_server_startup_seconds": esamp_startup,
         "tokens_per_second": measured,
         "median_tokens_per_second": median,
         "ratio_explore_vs_plain_server": median["esamp_server_explore"] / median["plain_server"],
@@ -85,7 +93,7 @@ def main() -> None:
     for key in ("ratio_explore_vs_plain_server", "ratio_explore_vs_no_explore_same_server",
                 "ratio_no_explore_vs_plain_server"):
         print(f"{key}: {result[key]:.4f}")
-    save_result("throughput", result)
+    save_result(f"throughput_{args.recipe}" if args.recipe else "throughput", result)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from esamp_sgl.config import ESampConfig
 from esamp_sgl.distiller import PARAM_NAMES, DistillerBank
 from esamp_sgl.models import chat_text
 
-SAMPLES_PER_PROMPT = 4
-MAX_NEW_TOKENS = 96
+SAMPLES_PER_PROMPT = 2
+MAX_NEW_TOKENS = 64
 TRAIN_STEPS = 2000
 BATCH_ROWS = 512
 TRAIN_LR = 1e-3
@@ -42,9 +42,18 @@ class BaseStats:
 
 
 def base_path(model_path: str | Path, cfg: ESampConfig) -> Path:
-    """Where the base distiller for this model, source and rank lives (beside the model)."""
+    """Where the base distiller for this model, source and rank lives (beside the model; for a
+    hub id, in the local snapshot SGLang loads)."""
     source = cfg.source.replace(":", "")
-    return Path(model_path) / f"esamp-base-{source}-r{cfg.rank}.safetensors"
+    return _local_dir(model_path) / f"esamp-base-{source}-r{cfg.rank}.safetensors"
+
+
+def _local_dir(model_path: str | Path) -> Path:
+    if Path(model_path).is_dir():
+        return Path(model_path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(model_path)))
 
 
 def load_base(model_path: str | Path, cfg: ESampConfig) -> dict[str, torch.Tensor]:
@@ -94,18 +103,19 @@ def collect_states(model_path: str | Path, cfg: ESampConfig, *, seed: int = 0) -
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # before the server owns the GPU
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).to(device).eval()
     texts = [chat_text(tokenizer, p) for p in BASE_PROMPTS]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     torch.manual_seed(seed)
     out = model.generate(**batch, do_sample=True, temperature=0.8, max_new_tokens=MAX_NEW_TOKENS,
                          num_return_sequences=SAMPLES_PER_PROMPT, pad_token_id=tokenizer.pad_token_id)
     mask = out != tokenizer.pad_token_id
     mask[:, : batch["input_ids"].shape[1]] = batch["attention_mask"].repeat_interleave(SAMPLES_PER_PROMPT, 0).bool()
     shallow, deep = _states(model, out, mask, cfg)
-    prompt_of_row = torch.arange(len(BASE_PROMPTS)).repeat_interleave(SAMPLES_PER_PROMPT)
+    prompt_of_row = torch.arange(len(BASE_PROMPTS), device=device).repeat_interleave(SAMPLES_PER_PROMPT)
     held = (prompt_of_row < max(1, int(len(BASE_PROMPTS) * HELD_OUT))).unsqueeze(1).expand_as(mask)[mask]
-    return States(shallow, deep, held, time.perf_counter() - start)
+    return States(shallow.cpu(), deep.cpu(), held.cpu(), time.perf_counter() - start)
 
 
 def _states(model, ids: torch.Tensor, mask: torch.Tensor, cfg: ESampConfig) -> tuple[torch.Tensor, torch.Tensor]:

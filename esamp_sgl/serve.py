@@ -137,8 +137,6 @@ def prepare(launch: ServerLaunch) -> None:
     from esamp_sgl.base_distiller import base_path, ensure_base
 
     model_path = _value(launch.command, "--model-path")
-    if not os.path.isdir(model_path):
-        raise ValueError(f"--esamp-init base needs a local model directory, got {model_path!r}")
     cached = base_path(model_path, launch.esamp).is_file()
     if not cached:
         print(f"esamp-sgl: pre-training the base distiller for {model_path} (once; cached beside the model)",

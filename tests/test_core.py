@@ -92,7 +92,7 @@ def test_post_filter_reweights_only_candidates():
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_training_lowers_the_loss(optimizer):
-    bank = DistillerBank(2, D, ESampConfig(rank=8, optimizer=optimizer, lr=0.5 if optimizer == "sgd" else 3e-3))
+    bank = DistillerBank(2, D, ESampConfig(init="random", rank=8, optimizer=optimizer, lr=0.5 if optimizer == "sgd" else 3e-3))
     x, h = _data(16)
     slot = torch.zeros(16, dtype=torch.int64)
     bank.train_step(x, h, slot)
@@ -106,7 +106,7 @@ def test_training_lowers_the_loss(optimizer):
 def test_groups_in_one_batch_never_influence_each_other():
     x, h = _data(12)
     slot = torch.tensor([0, 1] * 6)
-    shared, alone = (DistillerBank(3, D, ESampConfig(rank=8, optimizer="adamw")) for _ in range(2))
+    shared, alone = (DistillerBank(3, D, ESampConfig(init="random", rank=8, optimizer="adamw")) for _ in range(2))
     for _ in range(5):
         shared.train_step(x, h, slot)
         alone.train_step(x[slot == 0], h[slot == 0], slot[slot == 0])
@@ -117,7 +117,7 @@ def test_groups_in_one_batch_never_influence_each_other():
 
 def test_rows_without_group_are_skipped():
     x, h = _data(8)
-    bank, ref = (DistillerBank(2, D, ESampConfig(rank=8)) for _ in range(2))
+    bank, ref = (DistillerBank(2, D, ESampConfig(init="random", rank=8)) for _ in range(2))
     bank.train_step(x, h, torch.tensor([0, -1] * 4))
     ref.train_step(x[::2], h[::2], torch.zeros(4, dtype=torch.int64))
     assert _same_weights(bank, 0, ref, 0)
@@ -125,13 +125,13 @@ def test_rows_without_group_are_skipped():
 
 def test_nan_input_resets_only_its_slot():
     x, h = _data(8)
-    bank = DistillerBank(2, D, ESampConfig(rank=8, lr=0.1))
+    bank = DistillerBank(2, D, ESampConfig(init="random", rank=8, lr=0.1))
     slot = torch.tensor([0, 1] * 4)
     bank.train_step(x, h, slot)
     x_bad = x.clone()
     x_bad[0, 3] = float("nan")  # a row of slot 0
     bank.train_step(x_bad, h, slot)
-    fresh = DistillerBank(2, D, ESampConfig(rank=8, lr=0.1))
+    fresh = DistillerBank(2, D, ESampConfig(init="random", rank=8, lr=0.1))
     assert _same_weights(bank, 0, fresh, 0)  # slot 0 was reset to its start
     assert not _same_weights(bank, 1, fresh, 1)  # slot 1 kept training
     assert all(torch.isfinite(p).all() for p in bank.params)
@@ -140,13 +140,13 @@ def test_nan_input_resets_only_its_slot():
 
 def test_warm_up_takes_the_configured_steps():
     x, h = _data(6)
-    bank = DistillerBank(2, D, ESampConfig(rank=8, warmup_steps=3))
+    bank = DistillerBank(2, D, ESampConfig(init="random", rank=8, warmup_steps=3))
     bank.warm_up(x, h, slot=1)
     assert bank.train_steps == 3 and bank.slot_steps.tolist() == [0, 3]
 
 
 def test_inits_have_the_distiller_shapes():
-    cfg = ESampConfig(rank=4)
+    cfg = ESampConfig(init="random", rank=4)
     mlp = {"gate_proj": torch.randn(40, D), "up_proj": torch.randn(40, D), "down_proj": torch.randn(D, 40)}
     svd = init_slot(D, ESampConfig(rank=4, init="svd"), mlp=mlp)
     rnd = init_slot(D, cfg)
@@ -199,7 +199,7 @@ def test_pinned_slots_are_never_evicted_and_ttl_frees():
 @pytest.mark.parametrize("k", [0, 1, 3])
 def test_staleness_is_exactly_k(k):
     """The prediction at step t must come from the weights after jobs 0 … t−1−k."""
-    cfg = ESampConfig(rank=8, lr=0.05, staleness=k)
+    cfg = ESampConfig(init="random", rank=8, lr=0.05, staleness=k)
     lane_bank, ref_bank = DistillerBank(1, D, cfg), DistillerBank(1, D, cfg)
     lane = DeferredLane(lane_bank, k)
     slot = torch.zeros(4, dtype=torch.int64)
@@ -219,7 +219,7 @@ def test_staleness_is_exactly_k(k):
 
 
 def test_lane_copies_inputs_at_submit():
-    bank = DistillerBank(1, D, ESampConfig(rank=8))
+    bank = DistillerBank(1, D, ESampConfig(init="random", rank=8))
     lane = DeferredLane(bank, staleness=1)
     lane.begin_step()
     x, h = _data(3)
@@ -233,7 +233,7 @@ def test_lane_copies_inputs_at_submit():
 
 def test_in_graph_step_compiles_fullgraph_without_breaks():
     torch._dynamo.reset()
-    bank = DistillerBank(3, D, ESampConfig(rank=8))
+    bank = DistillerBank(3, D, ESampConfig(init="random", rank=8))
     compiled = torch.compile(distill_and_mix_torch, fullgraph=True, backend="aot_eager", dynamic=False)
     x, h = _data(5)
     slot = torch.tensor([0, 2, -1, 1, 0])
@@ -247,7 +247,7 @@ def test_in_graph_step_compiles_fullgraph_without_breaks():
 
 def test_training_works_from_inference_mode():
     """The scheduler loop runs under inference_mode; training must still run there."""
-    bank = DistillerBank(2, D, ESampConfig(rank=8, lr=0.5))
+    bank = DistillerBank(2, D, ESampConfig(init="random", rank=8, lr=0.5))
     with torch.inference_mode():
         x, h = _data(8)
         lane = DeferredLane(bank, staleness=0)
@@ -258,7 +258,7 @@ def test_training_works_from_inference_mode():
 
 
 def test_grouped_cpu_path_equals_the_graph_safe_path():
-    bank = DistillerBank(4, D, ESampConfig(rank=8, init_std=0.3))
+    bank = DistillerBank(4, D, ESampConfig(init="random", rank=8, init_std=0.3))
     x, h = _data(9)
     slot = torch.tensor([2, 0, -1, 2, 3, 0, -1, 2, 3])
     beta = torch.tensor([0.5, 1.0, 0.0, 0.2, 0.0, 0.7, 0.0, 1.5, 0.3])
@@ -287,13 +287,13 @@ def test_seeded_sampling_is_reproducible_and_follows_the_filters():
 
 
 def test_lane_reset_lands_queued_jobs_before_fresh_weights():
-    bank = DistillerBank(2, D, ESampConfig(rank=8, lr=0.5))
+    bank = DistillerBank(2, D, ESampConfig(init="random", rank=8, lr=0.5))
     lane = DeferredLane(bank, staleness=2)
     lane.begin_step()
     x, h = _data(4)
     lane.submit(x, h, torch.tensor([0, 0, 1, 1]))
     lane.reset_slots(torch.tensor([0]))
-    fresh = DistillerBank(2, D, ESampConfig(rank=8, lr=0.5))
+    fresh = DistillerBank(2, D, ESampConfig(init="random", rank=8, lr=0.5))
     assert lane.lag == 0
     assert _same_weights(bank, 0, fresh, 0)  # the old group's job landed, then the reset
     assert not _same_weights(bank, 1, fresh, 1)

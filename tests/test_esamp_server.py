@@ -34,7 +34,9 @@ def plain_greedy(model) -> dict[str, list[int]]:
 def server(model, plain_greedy):
     name, path = model
     # lr 0.05: online learning visible within a few short requests (the learning test)
-    yield from launch(path, f"esamp-{name}", "--esamp-lr", "0.05")
+    # The reference recipe's mechanics (random init, pre-filter mix); a high lr so that
+    # learning shows within a few tokens.
+    yield from launch(path, f"esamp-{name}", "--esamp-init", "random", "--esamp-filter-mode", "pre", "--esamp-lr", "0.05")
 
 
 def test_tokens_are_the_argmax_of_the_recomputed_mix(server, model, plain_greedy):

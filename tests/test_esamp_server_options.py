@@ -13,7 +13,7 @@ from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, explore, gen, lm_hea
 
 @pytest.fixture(scope="module")
 def server(tiny_model_path):
-    yield from launch(tiny_model_path, "esamp-tiny-options", "--esamp-filter-mode", "post",
+    yield from launch(tiny_model_path, "esamp-tiny-options", "--esamp-init", "random", "--esamp-filter-mode", "post",
                       "--esamp-source", "layer:1", "--esamp-lr", "0.05", "--enable-metrics")
 
 

@@ -15,7 +15,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _bank(slots: int, d: int, r: int, seed: int) -> DistillerBank:
-    bank = DistillerBank(slots, d, ESampConfig(rank=r, init_std=0.2), seed=seed, device=DEVICE)
+    bank = DistillerBank(slots, d, ESampConfig(init="random", rank=r, init_std=0.2), seed=seed, device=DEVICE)
     gen = torch.Generator().manual_seed(seed + 1)
     for p in bank.params:  # make slots differ from each other and from the identity LayerNorm
         p += (torch.randn(p.shape, generator=gen) * 0.1).to(DEVICE)

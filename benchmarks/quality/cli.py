@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             points = (plans.screen_points(recipes, args.quick) if stage == "screen"
                       else plans.frontier_points(tasks, finalists, args.quick))
             results = ResultsFile(path, {"model": args.model, **asdict(size)})
-            run_points(points, results, model=args.model, size=size, log_dir=log_dir)
             results.set_run(run_metadata())
+            run_points(points, results, model=args.model, size=size, log_dir=log_dir)
         elif stage == "writing":
             from benchmarks.quality.writing import run_writing
 

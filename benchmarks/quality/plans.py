@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from benchmarks.quality.methods import Method
+from benchmarks.quality.recipes import recipe_min_p
 from benchmarks.quality.run import Point, Size
 
 SCREEN_TASK = "chain_sum"
 DEFAULT_FINALISTS = ("base", "base-post")
-PLAIN_TEMPERATURES = (0.6, 0.8, 1.0, 1.2)
-POST_FILTER_MIN_P = 0.05  # post-filter recipes: the base distribution's min-p picks the candidates
+PLAIN_TEMPERATURES = (0.4, 0.6, 0.8, 1.0, 1.2)
 
 
 SIZES = {("screen", False): Size(8, 16), ("frontier", False): Size(20, 16),
@@ -16,8 +16,7 @@ SIZES = {("screen", False): Size(8, 16), ("frontier", False): Size(20, 16),
 
 
 def esamp_method(recipe: str, temperature: float, beta: float) -> Method:
-    min_p = POST_FILTER_MIN_P if recipe.endswith("-post") else 0.0
-    return Method(recipe, temperature, beta=beta, min_p=min_p, recipe=recipe)
+    return Method(recipe, temperature, beta=beta, min_p=recipe_min_p(recipe), recipe=recipe)
 
 
 def screen_points(recipes: list[str], quick: bool) -> list[Point]:
@@ -28,13 +27,13 @@ def screen_points(recipes: list[str], quick: bool) -> list[Point]:
 
 
 def frontier_points(tasks: list[str], finalists: list[str], quick: bool) -> list[Point]:
-    """Plain over a temperature sweep, min-p, FIRE, and the finalists at two β and two T."""
+    """Plain over a temperature sweep, min-p, FIRE, and each finalist at β = 1 and two temperatures."""
     home = finalists[0]  # β = 0 methods run on the first finalist's server
     methods = [Method("plain", t, recipe=home) for t in PLAIN_TEMPERATURES]
     methods += [Method("min_p", t, min_p=0.1, recipe=home) for t in (1.0, 1.5)]
-    methods += [Method("fire", 0.8, fire_temperature=t, recipe=home) for t in (2.0, 4.0)]
+    methods += [Method("fire", 0.8, fire_temperature=3.0, recipe=home)]
     for recipe in finalists:
-        methods += [esamp_method(recipe, 0.8, 0.5), esamp_method(recipe, 0.8, 1.0), esamp_method(recipe, 1.0, 1.0)]
+        methods += [esamp_method(recipe, 0.8, 1.0), esamp_method(recipe, 1.0, 1.0)]
     if quick:
-        methods = [methods[1], methods[6], esamp_method(home, 0.8, 1.0)]
+        methods = [methods[2], methods[7], esamp_method(home, 0.8, 1.0)]
     return [Point(task, m) for task in tasks for m in methods]

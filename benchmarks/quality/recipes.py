@@ -18,4 +18,16 @@ RECIPES: dict[str, list[str]] = {
     "base-layer2": ["--esamp-init", "base", "--esamp-source", "layer:2"],
     "base-lr1e-2": ["--esamp-init", "base", "--esamp-lr", "1e-2"],
     "base-adamw": ["--esamp-init", "base", "--esamp-optimizer", "adamw"],
+    # combinations: a distiller that adapts to the group fast, without the 1+β logit scale
+    "base-tempered-lr1e-2": ["--esamp-init", "base", "--esamp-mix", "tempered", "--esamp-lr", "1e-2"],
+    "base-tempered-post": ["--esamp-init", "base", "--esamp-mix", "tempered", "--esamp-filter-mode", "post"],
 }
+
+POST_FILTER_MIN_P = 0.05  # post-filter recipes: the base distribution's min-p picks the candidates
+
+
+def recipe_min_p(recipe: str) -> float:
+    """The min-p an exploring request samples with under ``recipe``."""
+    flags = RECIPES[recipe]
+    post = any(a == "--esamp-filter-mode" and b == "post" for a, b in zip(flags, flags[1:]))
+    return POST_FILTER_MIN_P if post else 0.0

@@ -37,13 +37,13 @@ PROMPTS = (
     "Tell a short story about a robot who learns to paint.",
 )
 MAX_TOKENS = 64
-PLAIN_TEMPERATURES = (0.7, 0.9, 1.1, 1.3)
+PLAIN_TEMPERATURES = (0.7, 1.0, 1.3)
 
 
 def methods(recipe: str, quick: bool) -> list[Method]:
     plain = [Method("plain", t, recipe=recipe) for t in PLAIN_TEMPERATURES]
-    esamp = [esamp_method(recipe, 0.9, 0.5), esamp_method(recipe, 0.9, 1.0), esamp_method(recipe, 1.1, 1.0)]
-    return [plain[1], esamp[1]] if quick else plain + esamp
+    esamp = [esamp_method(recipe, 1.0, 1.0), esamp_method(recipe, 1.3, 1.0)]
+    return [plain[1], esamp[0]] if quick else plain + esamp
 
 
 @lru_cache(maxsize=1)
@@ -96,6 +96,7 @@ def score_prompt(url: str, prompt_ids: list[int], texts: list[str], outputs: lis
 def run_writing(model: str, recipe: str, path: Path, *, quick: bool, log_dir: Path) -> None:
     prompts, n, max_tokens = (PROMPTS[:2], 4, 16) if quick else (PROMPTS, 8, MAX_TOKENS)
     results = ResultsFile(path, {"model": model, "prompts": len(prompts), "n": n, "max_tokens": max_tokens})
+    results.set_run(run_metadata())
     todo = [m for m in methods(recipe, quick) if not results.has("points", f"{m.recipe}/{m.key}")]
     if todo:
         chat = ChatPrompts(str(resolve(model)))
@@ -112,4 +113,3 @@ def run_writing(model: str, recipe: str, path: Path, *, quick: bool, log_dir: Pa
                 results.put("points", f"{method.recipe}/{method.key}",
                             {"method": asdict(method), "seconds": time.perf_counter() - start, "prompts": per_prompt})
                 print(f"  writing {method.key}: {time.perf_counter() - start:.0f} s", flush=True)
-    results.set_run(run_metadata())
