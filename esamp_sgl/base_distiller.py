@@ -149,9 +149,16 @@ def train_base(states: States, cfg: ESampConfig, *, seed: int = 0) -> tuple[dict
     xs, hs = x[~held_out], h[~held_out]
     gen = torch.Generator().manual_seed(seed)
     slot = [0] * BATCH_ROWS
-    for _ in range(TRAIN_STEPS):
-        idx = torch.randint(0, len(xs), (BATCH_ROWS,), generator=gen)
-        bank.train_step(xs[idx], hs[idx], slot)
+    threads = torch.get_num_threads()
+    # One thread: the distiller's ops are small, and with a second thread a busy core (another
+    # server's scheduler busy-polls one) stalls every op at its barrier — 411 vs 6 ms a step, seen here.
+    torch.set_num_threads(1)
+    try:
+        for _ in range(TRAIN_STEPS):
+            idx = torch.randint(0, len(xs), (BATCH_ROWS,), generator=gen)
+            bank.train_step(xs[idx], hs[idx], slot)
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
         h_val = h[held_out]
         h_hat = bank.predict(x[held_out], torch.zeros(len(h_val), dtype=torch.int64))

@@ -8,7 +8,7 @@ from benchmarks.quality.run import Point, Size
 
 SCREEN_TASK = "chain_sum"
 DEFAULT_FINALISTS = ("base", "base-post")
-PLAIN_TEMPERATURES = (0.4, 0.6, 0.8, 1.0, 1.2)
+PLAIN_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
 
 
 SIZES = {("screen", False): Size(8, 16), ("frontier", False): Size(20, 16),
@@ -29,11 +29,11 @@ def screen_points(recipes: list[str], quick: bool) -> list[Point]:
 def frontier_points(tasks: list[str], finalists: list[str], quick: bool) -> list[Point]:
     """Plain over a temperature sweep, min-p, FIRE, and each finalist at β = 1 and two temperatures."""
     home = finalists[0]  # β = 0 methods run on the first finalist's server
-    methods = [Method("plain", t, recipe=home) for t in PLAIN_TEMPERATURES]
-    methods += [Method("min_p", t, min_p=0.1, recipe=home) for t in (1.0, 1.5)]
-    methods += [Method("fire", 0.8, fire_temperature=3.0, recipe=home)]
-    for recipe in finalists:
-        methods += [esamp_method(recipe, 0.8, 1.0), esamp_method(recipe, 1.0, 1.0)]
+    fire = Method("fire", 0.8, fire_temperature=3.0, recipe=home)
     if quick:
-        methods = [methods[2], methods[7], esamp_method(home, 0.8, 1.0)]
+        methods = [Method("plain", 0.8, recipe=home), fire, esamp_method(home, 0.8, 1.0)]
+    else:
+        methods = [Method("plain", t, recipe=home) for t in PLAIN_TEMPERATURES]
+        methods += [Method("min_p", t, min_p=0.1, recipe=home) for t in (1.0, 1.5)] + [fire]
+        methods += [esamp_method(r, t, 1.0) for r in finalists for t in (0.8, 1.0)]
     return [Point(task, m) for task in tasks for m in methods]

@@ -1,26 +1,34 @@
-"""ESamp server recipes the quality benchmark compares: each is a set of ``--esamp-*`` flags.
+"""ESamp server recipes the quality benchmark compares, as ``--esamp-*`` flags.
 
-Screening changes one thing at a time from a parent recipe. Methods with β = 0 (plain
-sampling, min-p, FIRE) run on whichever server is up: β = 0 is plain SGLang, token for token.
+Every recipe spells out each screened knob, starting from the reference recipe and changing
+one thing at a time, so that a recipe means the same whatever the server's defaults are.
+Methods with β = 0 (plain sampling, min-p, FIRE) run on whichever server is up: β = 0 is plain
+SGLang, token for token.
 """
 
 from __future__ import annotations
 
+# The reference recipe: random init, SGD lr 1e-3, plain mix, pre-filter, embedding source.
+REFERENCE = {"init": "random", "optimizer": "sgd", "lr": "1e-3", "mix": "plain", "filter-mode": "pre",
+             "source": "embed"}
+
+
+def _flags(**changes: str) -> list[str]:
+    knobs = {**REFERENCE, **{k.replace("_", "-"): v for k, v in changes.items()}}
+    return [arg for name, value in knobs.items() for arg in (f"--esamp-{name}", value)]
+
+
 RECIPES: dict[str, list[str]] = {
-    # the reference recipe: random init, SGD lr 1e-3, plain mix, pre-filter, embedding source
-    "random": ["--esamp-init", "random"],
-    "svd": ["--esamp-init", "svd"],
-    "base": ["--esamp-init", "base"],
-    "base-post": ["--esamp-init", "base", "--esamp-filter-mode", "post"],
-    "base-orthogonal": ["--esamp-init", "base", "--esamp-mix", "orthogonal"],
-    "base-rescaled": ["--esamp-init", "base", "--esamp-mix", "rescaled"],
-    "base-tempered": ["--esamp-init", "base", "--esamp-mix", "tempered"],
-    "base-layer2": ["--esamp-init", "base", "--esamp-source", "layer:2"],
-    "base-lr1e-2": ["--esamp-init", "base", "--esamp-lr", "1e-2"],
-    "base-adamw": ["--esamp-init", "base", "--esamp-optimizer", "adamw"],
-    # combinations: a distiller that adapts to the group fast, without the 1+β logit scale
-    "base-tempered-lr1e-2": ["--esamp-init", "base", "--esamp-mix", "tempered", "--esamp-lr", "1e-2"],
-    "base-tempered-post": ["--esamp-init", "base", "--esamp-mix", "tempered", "--esamp-filter-mode", "post"],
+    "random": _flags(),
+    "svd": _flags(init="svd"),
+    "base": _flags(init="base"),
+    "base-post": _flags(init="base", filter_mode="post"),
+    "base-orthogonal": _flags(init="base", mix="orthogonal"),
+    "base-rescaled": _flags(init="base", mix="rescaled"),
+    "base-tempered": _flags(init="base", mix="tempered"),
+    "base-lr1e-2": _flags(init="base", lr="1e-2"),
+    "base-adamw": _flags(init="base", optimizer="adamw"),
+    "base-layer2": _flags(init="base", source="layer:2"),
 }
 
 POST_FILTER_MIN_P = 0.05  # post-filter recipes: the base distribution's min-p picks the candidates

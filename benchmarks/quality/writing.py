@@ -9,6 +9,7 @@ same server with a plain request). ESamp and plain are compared at matched perpl
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import asdict
 from functools import lru_cache
@@ -104,12 +105,14 @@ def run_writing(model: str, recipe: str, path: Path, *, quick: bool, log_dir: Pa
                             startup_timeout=1800) as server:
             for method in todo:
                 start = time.perf_counter()
-                per_prompt = []
-                for i, prompt in enumerate(prompts):
-                    ids = chat.ids(prompt)
+
+                def one(i: int, method: Method = method) -> dict:
+                    ids = chat.ids(prompts[i])
                     samples = draw(server.url, ids, method, [i * 1000 + j for j in range(n)], max_tokens)
-                    per_prompt.append(score_prompt(server.url, ids, [s.text for s in samples],
-                                                   [s.output_ids for s in samples]))
+                    return score_prompt(server.url, ids, [s.text for s in samples], [s.output_ids for s in samples])
+
+                with ThreadPoolExecutor(len(prompts)) as pool:
+                    per_prompt = list(pool.map(one, range(len(prompts))))
                 results.put("points", f"{method.recipe}/{method.key}",
                             {"method": asdict(method), "seconds": time.perf_counter() - start, "prompts": per_prompt})
                 print(f"  writing {method.key}: {time.perf_counter() - start:.0f} s", flush=True)
