@@ -7,7 +7,7 @@ from benchmarks.quality.recipes import recipe_min_p
 from benchmarks.quality.run import Point, Size
 
 SCREEN_TASK = "chain_sum"
-DEFAULT_FINALISTS = ("base", "base-post")
+DEFAULT_FINALISTS = ("base-post",)
 PLAIN_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
 
 

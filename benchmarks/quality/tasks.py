@@ -59,7 +59,6 @@ class Problem:
 TASKS: dict[str, Task] = {
     "chain_sum": Task("chain_sum", "chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}),
     "products": Task("products", "products", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}),
-    "leg_counting": Task("leg_counting", "leg_counting", {"min_animals": 2, "max_animals": 2}, max_tokens=96),
 }
 
 
