@@ -23,6 +23,7 @@ import torch
 from esamp_sgl.base_prompts import BASE_PROMPTS
 from esamp_sgl.config import ESampConfig
 from esamp_sgl.distiller import PARAM_NAMES, DistillerBank
+from esamp_sgl.mix import novelty
 from esamp_sgl.models import chat_text
 
 SAMPLES_PER_PROMPT = 2
@@ -45,10 +46,12 @@ def base_path(model_path: str | Path, cfg: ESampConfig) -> Path:
     """Where the base distiller for this model, source and rank lives (beside the model; for a
     hub id, in the local snapshot SGLang loads)."""
     source = cfg.source.replace(":", "")
-    return _local_dir(model_path) / f"esamp-base-{source}-r{cfg.rank}.safetensors"
+    return local_model_dir(model_path) / f"esamp-base-{source}-r{cfg.rank}.safetensors"
 
 
-def _local_dir(model_path: str | Path) -> Path:
+def local_model_dir(model_path: str | Path) -> Path:
+    """The model's local directory (a hub id resolves to its snapshot: resolve once, then pass the
+    directory on, since each resolution asks the hub)."""
     if Path(model_path).is_dir():
         return Path(model_path)
     from huggingface_hub import snapshot_download
@@ -162,7 +165,7 @@ def train_base(states: States, cfg: ESampConfig, *, seed: int = 0) -> tuple[dict
     with torch.no_grad():
         h_val = h[held_out]
         h_hat = bank.predict(x[held_out], torch.zeros(len(h_val), dtype=torch.int64))
-        error = float(((h_val - h_hat).pow(2).sum(-1) / h_val.pow(2).sum(-1)).mean())
+        error = float(novelty(h_val, h_hat).mean())
     return {name: p[0].clone() for name, p in zip(PARAM_NAMES, bank.params)}, error
 
 

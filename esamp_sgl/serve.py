@@ -134,9 +134,9 @@ def prepare(launch: ServerLaunch) -> None:
     distiller (pre-trained on first use, then cached beside the model)."""
     if launch.esamp is None or launch.esamp.init != "base":
         return
-    from esamp_sgl.base_distiller import base_path, ensure_base
+    from esamp_sgl.base_distiller import base_path, ensure_base, local_model_dir
 
-    model_path = _value(launch.command, "--model-path")
+    model_path = local_model_dir(_value(launch.command, "--model-path"))
     cached = base_path(model_path, launch.esamp).is_file()
     if not cached:
         print(f"esamp-sgl: pre-training the base distiller for {model_path} (once; cached beside the model)",

@@ -7,6 +7,7 @@ import torch
 from esamp_sgl import base_distiller
 from esamp_sgl.base_distiller import States, base_path, train_base
 from esamp_sgl.config import ESampConfig
+from esamp_sgl.mix import novelty
 
 
 def test_training_fits_held_out_rows_of_a_learnable_map(monkeypatch) -> None:
@@ -19,7 +20,7 @@ def test_training_fits_held_out_rows_of_a_learnable_map(monkeypatch) -> None:
     held_out = torch.arange(2000) < 200
     cfg = ESampConfig(init="base", rank=8)
     weights, error = train_base(States(x, h, held_out, 0.0), cfg)
-    untrained = ((h - torch.nn.functional.layer_norm(x, (d,))).pow(2).sum(-1) / h.pow(2).sum(-1)).mean()
+    untrained = novelty(h, torch.nn.functional.layer_norm(x, (d,))).mean()
     assert set(weights) == {"A", "G", "b", "B", "ln_w", "ln_b"} and weights["A"].shape == (d, 8)
     assert error < 0.7 * float(untrained)
 
