@@ -9,6 +9,9 @@ import torch
 
 from esamp_sgl.config import MixVariant
 
+# Above 1/8 of the vocabulary as candidates, the dense W·ĥ is cheaper than per-row gathers.
+DENSE_CANDIDATE_SHARE = 8
+
 
 def mix_hidden(h: torch.Tensor, h_hat: torch.Tensor, beta: torch.Tensor, variant: MixVariant = "plain") -> torch.Tensor:
     """h_mix per row; W·h_mix equals the contrastive logits (1+β)·W·h − β·W·ĥ for 'plain'.
@@ -42,20 +45,26 @@ def novelty(h: torch.Tensor, h_hat: torch.Tensor) -> torch.Tensor:
 
 
 def candidate_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-                   temperature: torch.Tensor) -> torch.Tensor:
+                   temperature: torch.Tensor, rank_filters: bool = True) -> torch.Tensor:
     """Tokens that the base model's own top-k / top-p / min-p filters keep, per row [N, V].
 
     top_k ≤ 0 or ≥ V means no top-k limit; top_p = 1 and min_p = 0 disable those filters.
-    Probabilities are taken at each row's temperature (as the sampler would).
+    Probabilities are taken at each row's temperature (as the sampler would). With
+    ``rank_filters=False`` the caller promises that no row uses top-k or top-p (SGLang keeps that
+    as host flags on the batch): min-p alone needs no sort of the vocabulary.
     """
-    n, vocab = logits.shape
     probs = torch.softmax(logits.float() / temperature.float().clamp_min(1e-6).unsqueeze(-1), dim=-1)
+    if not rank_filters:
+        return probs >= min_p.float().unsqueeze(-1) * probs.amax(-1, keepdim=True)
+    n, vocab = logits.shape
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=logits.device).expand(n, vocab)
     k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k).unsqueeze(-1)
     keep_sorted = rank < k
     mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    keep_sorted &= mass_before < top_p.float().unsqueeze(-1)
+    # top_p = 1 must keep the whole tail, but a float32 cumsum reaches 1.0 before the last token.
+    top_p = top_p.float().unsqueeze(-1)
+    keep_sorted &= (mass_before < top_p) | (top_p >= 1)
     keep_sorted &= sorted_probs >= min_p.float().unsqueeze(-1) * sorted_probs[:, :1]
     keep_sorted[:, 0] = True
     return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
@@ -74,13 +83,15 @@ def post_filter_logits(logits: torch.Tensor, h_hat: torch.Tensor, lm_head: torch
     rows = (beta > 0).nonzero().squeeze(-1)
     if rows.numel() == 0:
         return out
-    k = int(keep[rows].sum(-1).max())
-    base = logits[rows].float()
-    cand = base.masked_fill(~keep[rows], float("-inf")).topk(k, dim=-1).indices  # [R, k]
-    valid = keep[rows].gather(1, cand)
+    base, keep, b = logits[rows].float(), keep[rows], beta[rows].float().unsqueeze(-1)
+    k = int(keep.sum(-1).max())
+    if k * DENSE_CANDIDATE_SHARE > base.shape[1]:
+        # Many candidates (e.g. no filter at all): one matmul beats gathering k LM-head rows per row.
+        amateur = (h_hat[rows].to(lm_head.dtype) @ lm_head.T).float()  # [R, V]
+        out[rows] = torch.where(keep, (1 + b) * base - b * amateur, float("-inf")).to(out.dtype)
+        return out
+    cand = torch.where(keep, base, float("-inf")).topk(k, dim=-1).indices  # [R, k]
     amateur = torch.einsum("rkd,rd->rk", lm_head[cand].float(), h_hat[rows].float())
-    b = beta[rows].float().unsqueeze(-1)
-    mixed = (1 + b) * base.gather(1, cand) - b * amateur
-    row_out = torch.full_like(base, float("-inf")).scatter(1, cand, mixed.masked_fill(~valid, float("-inf")))
-    out[rows] = row_out.to(out.dtype)
+    mixed = torch.where(keep.gather(1, cand), (1 + b) * base.gather(1, cand) - b * amateur, float("-inf"))
+    out[rows] = torch.full_like(base, float("-inf")).scatter(1, cand, mixed).to(out.dtype)
     return out

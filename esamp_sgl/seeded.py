@@ -19,9 +19,10 @@ def _row_seed(seed: int, position: int) -> int:
 
 
 def seeded_sample(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-                  seeds: list[int], positions: list[int]) -> torch.Tensor:
-    """Token ids [R] for probability rows [R, V] (temperature already applied)."""
-    keep = candidate_mask(probs.clamp_min(1e-30).log(), top_k, top_p, min_p, torch.ones_like(top_p))
+                  seeds: list[int], positions: list[int], rank_filters: bool = True) -> torch.Tensor:
+    """Token ids [R] for probability rows [R, V] (temperature already applied); ``rank_filters``
+    as in candidate_mask."""
+    keep = candidate_mask(probs.clamp_min(1e-30).log(), top_k, top_p, min_p, torch.ones_like(top_p), rank_filters)
     scores = probs.float().clamp_min(1e-30).log().masked_fill(~keep, float("-inf"))
     noise = torch.stack([
         torch.rand(probs.shape[1], generator=torch.Generator().manual_seed(_row_seed(s, p)))

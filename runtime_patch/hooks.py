@@ -15,7 +15,7 @@ import torch
 
 from esamp_sgl import params as esamp_params
 from esamp_sgl.config import ESampConfig
-from runtime_patch.scheduler_state import SchedulerState
+from runtime_patch.scheduler_state import SchedulerState, filters_candidates
 
 TOKEN_KEY = "esamp_token"  # per-token customized_info key; summarized into meta_info["esamp"]
 
@@ -110,7 +110,8 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
     sampled row of each request — every row in decode, the last token of each request in
     extend — is replaced by h_mix. Post-filter mode: the base logits are computed unmixed and
     reweighted on the base's own top-k/top-p/min-p candidates (the sampler's filters then apply
-    again to the reweighted candidates). Either way penalties, grammar masks, logit_bias and
+    again to the reweighted candidates); a batch without any of those filters has every token as
+    a candidate, where post equals pre, so it takes the pre-filter path. Either way penalties, grammar masks, logit_bias and
     temperature then apply to the mixed logits. Returned logprobs describe the mixed logits.
     """
     if _state is None or _state.current is None or not _state.current.mixing:
@@ -126,7 +127,7 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
     aux_hidden_states = args[0] if args else kwargs.get("aux_hidden_states")
     with _state.timed():
         mixed, h_hat, token_info = _state.mix(input_ids, hidden_states, aux_hidden_states, rows)
-    if _cfg.filter_mode == "pre":
+    if _cfg.filter_mode == "pre" or not filters_candidates(logits_metadata.sampling_info):
         output = original(processor, input_ids, mixed, lm_head, logits_metadata, *args, **kwargs)
     else:
         output = original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)

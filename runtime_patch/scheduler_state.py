@@ -193,7 +193,7 @@ class SchedulerState:
         """Post-filter mode: the base logits' own top-k/top-p/min-p pick the candidates, and the
         contrast (1+β)·Wh − β·Wĥ reweights only those (rows with β = 0 are unchanged)."""
         keep = candidate_mask(logits, sampling_info.top_ks, sampling_info.top_ps, sampling_info.min_ps,
-                              sampling_info.temperatures.view(-1))
+                              sampling_info.temperatures.view(-1), rank_filters=uses_rank_filters(sampling_info))
         return post_filter_logits(logits, h_hat, lm_head_weight, self.current.beta, keep)
 
     def _token_info(self, step: StepRows, h: torch.Tensor, h_hat: torch.Tensor, novelty: torch.Tensor) -> list:
@@ -222,7 +222,7 @@ class SchedulerState:
         pos = positions.index_select(0, index).tolist()
         drawn = seeded_sample(probs.index_select(0, index), sampling_info.top_ks.index_select(0, index),
                               sampling_info.top_ps.index_select(0, index), sampling_info.min_ps.index_select(0, index),
-                              [step.seed[i] for i in rows], pos)
+                              [step.seed[i] for i in rows], pos, rank_filters=uses_rank_filters(sampling_info))
         ids[index] = drawn.to(ids.dtype)
 
     # --- reporting ----------------------------------------------------------------------------
@@ -244,6 +244,16 @@ class SchedulerState:
             "esamp_seconds": round(self.counters.esamp_seconds, 6),
             "forward_seconds": round(self.counters.forward_seconds, 6),
         }
+
+
+def filters_candidates(sampling_info) -> bool:
+    """Whether any row of the batch uses top-k, top-p or min-p (SGLang's host flags)."""
+    return bool(uses_rank_filters(sampling_info) or sampling_info.need_min_p_sampling)
+
+
+def uses_rank_filters(sampling_info) -> bool:
+    """Whether any row of the batch uses top-k or top-p (SGLang's host flags; no device sync)."""
+    return bool(sampling_info.need_top_k_sampling or sampling_info.need_top_p_sampling)
 
 
 def initial_weights(cfg: ESampConfig, model: torch.nn.Module, model_path: str) -> dict:

@@ -74,12 +74,22 @@ def test_candidate_mask_matches_filters():
     assert keep.tolist() == [[True, True, False, False], [True, True, True, False], [True, False, False, False]]
 
 
-def test_post_filter_reweights_only_candidates():
+def test_min_p_mask_without_sort_matches_the_sorted_mask():
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(3)) * 3
+    no_top_k, no_top_p = torch.zeros(6, dtype=torch.int64), torch.ones(6)
+    min_p, temperature = torch.tensor([0.0, 0.01, 0.05, 0.1, 0.5, 1.0]), torch.tensor([0.5, 0.8, 1.0, 1.0, 1.3, 2.0])
+    sorted_mask = candidate_mask(logits, no_top_k, no_top_p, min_p, temperature)
+    assert torch.equal(candidate_mask(logits, no_top_k, no_top_p, min_p, temperature, rank_filters=False), sorted_mask)
+    assert sorted_mask[0].all() and 1 < sorted_mask[3].sum() < 500
+
+
+@pytest.mark.parametrize("top_k", [5, 0])  # 0: every token a candidate, the dense path
+def test_post_filter_reweights_only_candidates(top_k):
     gen = torch.Generator().manual_seed(1)
     W, h, h_hat = torch.randn(30, D, generator=gen), torch.randn(3, D, generator=gen), torch.randn(3, D, generator=gen)
     logits = h @ W.T
     beta = torch.tensor([0.0, 0.5, 1.0])
-    keep = candidate_mask(logits, torch.tensor([5, 5, 3]), torch.ones(3), torch.zeros(3), torch.ones(3))
+    keep = candidate_mask(logits, torch.tensor([top_k, top_k, 3]), torch.ones(3), torch.zeros(3), torch.ones(3))
     out = post_filter_logits(logits, h_hat, W, beta, keep)
     assert torch.equal(out[0], logits[0])  # β = 0: untouched, no filter
     full = (1 + beta.unsqueeze(-1)) * logits - beta.unsqueeze(-1) * (h_hat @ W.T)

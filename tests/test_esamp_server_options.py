@@ -29,6 +29,17 @@ def test_post_filter_mode_keeps_the_base_candidates(server, tiny_model_path):
     assert out["meta_info"]["esamp"]["tokens_mixed"] == N_TOKENS
 
 
+def test_post_filter_min_p_keeps_the_base_min_p_candidates(server, tiny_model_path):
+    W = lm_head_weight(tiny_model_path)
+    min_p = 0.9  # a handful of the tiny model's 512 tokens at temperature 1
+    out = gen(server, PROMPTS[1], temperature=1.0, min_p=min_p, max_new_tokens=N_TOKENS, ignore_eos=True,
+              **explore(2.0, debug=True))
+    for token, step in zip(out["output_ids"], out["meta_info"]["esamp_debug"]):
+        probs = torch.softmax(W @ torch.tensor(step["h"]), dim=-1)
+        assert probs[token] >= 0.99 * min_p * probs.max()
+    assert out["meta_info"]["esamp"]["tokens_mixed"] == N_TOKENS
+
+
 def test_counters_reach_prometheus_metrics(server):
     gen(server, PROMPTS[2], temperature=1.0, max_new_tokens=20, ignore_eos=True, **explore(1.0))
     metrics = requests.get(server.url + "/metrics", timeout=30).text
