@@ -2,10 +2,11 @@
 
 Workload: PROMPTS prompts × FORKS samples each (one n = FORKS request per prompt, all prompts
 at once), MAX_TOKENS tokens per sample (ignore_eos), temperature 0.8, SmolLM2-135M on CPU.
-Rounds alternate so drift on this shared machine hits both sides alike:
+Both servers run side by side (--sleep-on-idle) and each round runs three arms, interleaved in a
+rotating order so drift on this shared machine hits them alike:
   - plain SGLang: a `--no-esamp` server (the plugin registers nothing);
   - ESamp server: rounds without explore and with explore β = 0.5.
-Reported as ratios of medians, and — robust to the machine's noise — ESamp's share of the
+Reported as the median over rounds of each round's ratio, and — robust to the machine's noise — ESamp's share of the
 scheduler's forward time in explore rounds, from the server's own counters. Run:
   .venv/bin/python benchmarks/throughput.py [--rounds 2] [--max-tokens 128] [--recipe NAME]
 Writes benchmarks/results/throughput.json (throughput_NAME.json with --recipe).
@@ -57,37 +58,49 @@ def main() -> None:
     flags = RECIPES[args.recipe] if args.recipe else []
     min_p = recipe_min_p(args.recipe) if args.recipe else 0.0
     logs = Path(tempfile.gettempdir())
-    measured: dict[str, list[float]] = {"plain_server": [], "esamp_server_no_explore": [], "esamp_server_explore": []}
+    arms = {"plain_server": None, "esamp_server_explore": 0.5, "esamp_server_no_explore": None}
+    measured: dict[str, list[float]] = {arm: [] for arm in arms}
     esamp_share: list[float] = []
 
-    with LaunchedServer(args.model, ["--no-esamp"], log_path=logs / "bench-plain.log") as server:
-        for r in range(args.rounds):
-            measured["plain_server"].append(run_round(server.url, None, args.max_tokens, min_p))
-            print(f"plain server round {r}: {measured['plain_server'][-1]:.1f} tok/s", flush=True)
-    started = time.perf_counter()
-    with LaunchedServer(args.model, flags, log_path=logs / "bench-esamp.log", startup_timeout=1800) as server:
-        esamp_startup = time.perf_counter() - started
-        for r in range(args.rounds):
-            for key, beta in (("esamp_server_explore", 0.5), ("esamp_server_no_explore", None)):
-                before = esamp_states(server.url)[0]
-                measured[key].append(run_round(server.url, beta, args.max_tokens, min_p))
-                after = esamp_states(server.url)[0]
-                print(f"{key} round {r}: {measured[key][-1]:.1f} tok/s", flush=True)
-                if beta is not None:
-                    esamp_share.append((after["esamp_seconds"] - before["esamp_seconds"])
-                                       / (after["forward_seconds"] - before["forward_seconds"]))
-                    print(f"  ESamp's share of forward time: {esamp_share[-1]:.4f}", flush=True)
+    # Both servers stay up (each sleeps while idle) and the arms interleave within every round,
+    # in a rotating order, so that the machine's drift hits all three alike.
+    idle = ["--sleep-on-idle"]
+    with LaunchedServer(args.model, ["--no-esamp", *idle], log_path=logs / "bench-plain.log") as plain:
+        started = time.perf_counter()
+        with LaunchedServer(args.model, [*flags, *idle], log_path=logs / "bench-esamp.log",
+                            startup_timeout=1800) as esamp:
+            esamp_startup = time.perf_counter() - started
+            for r in range(args.rounds):
+                order = list(arms)[r % 3:] + list(arms)[:r % 3]
+                for arm in order:
+                    url = plain.url if arm == "plain_server" else esamp.url
+                    before = esamp_states(esamp.url)[0]
+                    measured[arm].append(run_round(url, arms[arm], args.max_tokens, min_p))
+                    after = esamp_states(esamp.url)[0]
+                    print(f"{arm} round {r}: {measured[arm][-1]:.1f} tok/s", flush=True)
+                    if arms[arm] is not None:
+                        esamp_share.append((after["esamp_seconds"] - before["esamp_seconds"])
+                                           / (after["forward_seconds"] - before["forward_seconds"]))
+                        print(f"  ESamp's share of forward time: {esamp_share[-1]:.4f}", flush=True)
+
+    def ratios(num: str, den: str) -> list[float]:
+        return [a / b for a, b in zip(measured[num], measured[den])]
 
     median = {k: statistics.median(v) for k, v in measured.items()}
+    per_round = {
+        "ratio_explore_vs_plain_server": ratios("esamp_server_explore", "plain_server"),
+        "ratio_explore_vs_no_explore_same_server": ratios("esamp_server_explore", "esamp_server_no_explore"),
+        "ratio_no_explore_vs_plain_server": ratios("esamp_server_no_explore", "plain_server"),
+    }
     result = {
         "workload": {"prompts": len(PROMPTS), "forks": FORKS, "max_tokens": args.max_tokens, "temperature": 0.8,
-                     "min_p": min_p, "beta": 0.5, "model": args.model, "esamp_flags": flags},
+                     "min_p": min_p, "beta": 0.5, "model": args.model, "esamp_flags": flags,
+                     "server_flags": idle},
         "esamp_server_startup_seconds": esamp_startup,
         "tokens_per_second": measured,
         "median_tokens_per_second": median,
-        "ratio_explore_vs_plain_server": median["esamp_server_explore"] / median["plain_server"],
-        "ratio_explore_vs_no_explore_same_server": median["esamp_server_explore"] / median["esamp_server_no_explore"],
-        "ratio_no_explore_vs_plain_server": median["esamp_server_no_explore"] / median["plain_server"],
+        **{key: statistics.median(values) for key, values in per_round.items()},
+        "per_round_ratios": per_round,
         "esamp_share_of_forward_time_explore_rounds": esamp_share,
     }
     for key in ("ratio_explore_vs_plain_server", "ratio_explore_vs_no_explore_same_server",

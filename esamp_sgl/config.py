@@ -33,7 +33,10 @@ class ESampConfig:
 
     source "embed": the shallow state is the layer-0 input norm of the token embedding (the
     reference's choice; context-free, computed from input ids). "layer:N": the un-normalized
-    residual stream after decoder layer N, captured by the model itself."""
+    residual stream after decoder layer N, captured by the model itself.
+
+    beta_halflife > 0: a request's β halves every ``beta_halflife`` generated tokens (explore
+    where an answer's path is chosen, then let the model finish it); 0 keeps β constant."""
 
     rank: int = 32
     init: Init = "base"
@@ -49,6 +52,7 @@ class ESampConfig:
     max_groups: int = 64
     group_ttl: float = 600.0
     max_beta: float = 4.0
+    beta_halflife: float = 0.0
     source: str = "embed"
 
     def __post_init__(self) -> None:
@@ -64,6 +68,7 @@ class ESampConfig:
         _check(self.max_groups >= 1, "max_groups", self.max_groups, "must be >= 1")
         _check(self.max_beta > 0, "max_beta", self.max_beta, "must be > 0")
         _check(self.group_ttl >= 0, "group_ttl", self.group_ttl, "must be >= 0")
+        _check(self.beta_halflife >= 0, "beta_halflife", self.beta_halflife, "must be >= 0 (0: constant β)")
         _check(self.source == "embed" or SOURCE_LAYER.fullmatch(self.source) is not None, "source", self.source,
                "must be 'embed' or 'layer:N'")
 
@@ -85,6 +90,11 @@ class ESampConfig:
         """The config ``esamp-sgl serve`` handed to this process, or None when ESamp is off."""
         raw = os.environ.get(ENV_VAR)
         return None if raw is None else cls(**json.loads(raw))
+
+
+def scheduled_beta(beta: float, generated: int, halflife: float) -> float:
+    """The β a request mixes with after ``generated`` output tokens."""
+    return beta if halflife == 0 else beta * 0.5 ** (generated / halflife)
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:

@@ -163,11 +163,11 @@ class DistillerBank:
         self._reset_non_finite(groups.live)
         self.train_steps += 1
 
-    def warm_up(self, x: torch.Tensor, h: torch.Tensor, slot: int) -> None:
-        """``cfg.warmup_steps`` steps on one group's prompt (prefill) states before it decodes."""
-        slots = torch.full((len(x),), slot, dtype=torch.int64, device=x.device)
+    def warm_up(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor | list[int]) -> None:
+        """``cfg.warmup_steps`` training steps on prompt (prefill) states before decoding;
+        ``slot`` per row as in train_step."""
         for _ in range(self.cfg.warmup_steps):
-            self.train_step(x, h, slots)
+            self.train_step(x, h, slot)
 
     def losses(self) -> dict[int, float]:
         """{slot: loss before the last step} (a host sync; for tests and reporting)."""

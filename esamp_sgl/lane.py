@@ -58,6 +58,13 @@ class DeferredLane:
         """Apply every queued job (e.g. when no decode step will follow)."""
         self._apply_through(self.step)
 
+    def warm_up(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor) -> None:
+        """Train on prompt states now, outside the staleness contract: a prefill is not a decode
+        step and is never graph-captured, and the group's first sampled token should see it.
+        Queued jobs land first, so the order of updates stays the order of the states."""
+        self.flush()
+        self.bank.warm_up(x, h, slot)
+
     @property
     def forward_params(self) -> tuple[torch.Tensor, ...]:
         """The weights the forward must read (with this lane, the bank's own)."""
@@ -123,6 +130,12 @@ class CudaStreamLane(DeferredLane):
         super().reset_slots(slots)
         for pub, master in zip(self.published, self.bank.params):
             pub[slots] = master[slots]
+
+    def warm_up(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor) -> None:
+        super().warm_up(x, h, slot)  # flush() waited for the side stream; this trains on main
+        live = torch.unique(slot[slot >= 0]).to(self.bank.device)
+        for pub, master in zip(self.published, self.bank.params):
+            pub[live] = master[live]
 
     def _publish(self, step: int) -> None:
         if step not in self._trained:

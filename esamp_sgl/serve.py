@@ -116,10 +116,6 @@ def build_launch(model: str | None, args: Sequence[str], *, cpu: bool | None = N
         env.update(CPU_ENV)
     if esamp is not None:
         _refuse_unsupported(args)
-        if esamp.warmup_steps:
-            raise ValueError("--esamp-warmup-steps: warm-up on the prompt's prefill states is not wired into the "
-                             "server yet (with the radix cache, a cached prompt computes no states to train on); "
-                             "use 0")
         env[ENV_VAR] = esamp.to_env()
         if not on_cpu:
             defaults.update(GPU_ESAMP_DEFAULTS)

@@ -53,7 +53,7 @@ def summarize_meta_info(result: None, manager: Any, meta_info: dict, *args: Any,
 
     Per-token entries (accumulated by SGLang across stream chunks) become one summary:
     meta_info["esamp"] = {group, beta, tokens_mixed, mean_novelty}; debug entries stay per token
-    in meta_info["esamp_debug"].
+    in meta_info["esamp_debug"] (h, ĥ, novelty and the β that token was mixed with).
     """
     tokens = meta_info.pop(TOKEN_KEY, None)
     entries = [t for t in tokens or [] if t]
@@ -61,12 +61,12 @@ def summarize_meta_info(result: None, manager: Any, meta_info: dict, *args: Any,
         return
     meta_info["esamp"] = {
         "group": entries[-1]["group"],
-        "beta": entries[-1]["beta"],
+        "beta": entries[0]["beta"],  # the request's β (a β schedule starts from it)
         "tokens_mixed": len(entries),
         "mean_novelty": sum(e["novelty"] for e in entries) / len(entries),
     }
     if "h" in entries[0]:
-        meta_info["esamp_debug"] = [{"h": e["h"], "h_hat": e["h_hat"], "novelty": e["novelty"]} for e in entries]
+        meta_info["esamp_debug"] = [{k: e[k] for k in ("h", "h_hat", "novelty", "beta")} for e in entries]
 
 
 # --- scheduler process: the decode path ---------------------------------------------------------
@@ -106,7 +106,9 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
     """AROUND LogitsProcessor.forward (SGLang 0.5.23).
 
     Assumes ``hidden_states`` is the final normalized state (rows: tokens of the batch, in
-    ``batch.reqs`` order) and ``logits_metadata`` the ForwardBatch. Pre-filter mode: the
+    ``batch.reqs`` order; in extend, every token of each request's extension) and
+    ``logits_metadata`` the ForwardBatch. In extend, groups first warm up on the prompt states
+    (``--esamp-warmup-steps``). Pre-filter mode: the
     sampled row of each request — every row in decode, the last token of each request in
     extend — is replaced by h_mix. Post-filter mode: the base logits are computed unmixed and
     reweighted on the base's own top-k/top-p/min-p candidates (the sampler's filters then apply
@@ -114,9 +116,15 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
     a candidate, where post equals pre, so it takes the pre-filter path. Either way penalties, grammar masks, logit_bias and
     temperature then apply to the mixed logits. Returned logprobs describe the mixed logits.
     """
-    if _state is None or _state.current is None or not _state.current.mixing:
+    if _state is None or _state.current is None:
         return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
     mode = logits_metadata.forward_mode
+    aux_hidden_states = args[0] if args else kwargs.get("aux_hidden_states")
+    if _state.current.warming and mode.is_extend() and logits_metadata.extend_seq_lens_cpu is not None:
+        with _state.timed():
+            _state.warm_up(input_ids, hidden_states, aux_hidden_states, logits_metadata.extend_seq_lens_cpu)
+    if not _state.current.mixing:
+        return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
     if mode.is_decode():
         rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
     elif mode.is_extend() and logits_metadata.extend_seq_lens_cpu is not None:
@@ -124,7 +132,6 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
         rows = ends.to(hidden_states.device)
     else:
         return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
-    aux_hidden_states = args[0] if args else kwargs.get("aux_hidden_states")
     with _state.timed():
         mixed, h_hat, token_info = _state.mix(input_ids, hidden_states, aux_hidden_states, rows)
     if _cfg.filter_mode == "pre" or not filters_candidates(logits_metadata.sampling_info):

@@ -17,7 +17,7 @@ import torch
 
 from esamp_sgl import params as esamp_params
 from esamp_sgl.base_distiller import load_base
-from esamp_sgl.config import ESampConfig
+from esamp_sgl.config import ESampConfig, scheduled_beta
 from esamp_sgl.distiller import DistillerBank, RowGroups
 from esamp_sgl.lane import CudaStreamLane, DeferredLane
 from esamp_sgl.latent_step import distill_and_mix
@@ -31,11 +31,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ExploringRequest:
-    """A request that explores (β > 0: group and slot) or asked for seeded sampling, or both."""
+    """A request that explores (β > 0: group and slot) or asked for seeded sampling, or both.
+    ``samples`` is False for the prefix warm-up of an n > 1 request: it only computes the
+    prompt, which its group may warm up on, and samples nothing."""
 
     params: esamp_params.ExploreParams
     group: str | None
     slot: int  # -1: no group (β = 0)
+    samples: bool = True
+    sampled: int = 0  # forwards that sampled a token of it so far (SGLang's output_ids lag by a
+                      # step under the overlap scheduler)
 
 
 @dataclass
@@ -46,6 +51,7 @@ class StepRows:
     beta: torch.Tensor  # [N] fp32 on the model's device
     beta_host: list[float]  # the same, on the host: reporting it needs no device sync
     slot: list[int]  # -1 where the row does not explore
+    warm_slot: list[int]  # the group's slot where an extend of this row warms the group up, else -1
     debug: list[bool]
     group: list[str | None]
     seed: list[int | None]
@@ -54,11 +60,16 @@ class StepRows:
     def mixing(self) -> bool:
         return any(s >= 0 for s in self.slot)
 
+    @property
+    def warming(self) -> bool:
+        return any(s >= 0 for s in self.warm_slot)
+
 
 @dataclass
 class Counters:
     mixed_tokens: int = 0
     steps: int = 0
+    warmed_up_tokens: int = 0
     refused_no_slot: int = 0
     groups_created: int = 0
     # Host wall time in ESamp's hooks vs in whole forward_batch_generation calls: ESamp's share
@@ -110,14 +121,19 @@ class SchedulerState:
         if not any(r is not None for r in rows):
             self.current = None
             return
-        betas = [r.params.beta if r else 0.0 for r in rows]
+        sampling = [r if r is not None and r.samples else None for r in rows]
+        betas = [scheduled_beta(r.params.beta, r.sampled, self.cfg.beta_halflife) if r else 0.0 for r in sampling]
+        for r in sampling:
+            if r is not None:
+                r.sampled += 1
         self.current = StepRows(
             beta=torch.tensor(betas, dtype=torch.float32, device=self.device),
             beta_host=betas,
-            slot=[r.slot if r else -1 for r in rows],
-            debug=[bool(r and r.params.debug) for r in rows],
-            group=[r.group if r else None for r in rows],
-            seed=[r.params.seed if r else None for r in rows],
+            slot=[r.slot if r else -1 for r in sampling],
+            warm_slot=[r.slot if r is not None and self.cfg.warmup_steps else -1 for r in rows],
+            debug=[bool(r and r.params.debug) for r in sampling],
+            group=[r.group if r else None for r in sampling],
+            seed=[r.params.seed if r else None for r in sampling],
         )
 
     def end_batch(self) -> None:
@@ -128,14 +144,18 @@ class SchedulerState:
 
     def _row(self, req) -> ExploringRequest | None:
         sp = req.sampling_params
-        # The n > 1 prefix warm-up (max_new_tokens = 0) and middle chunks of a chunked prefill
-        # sample nothing that reaches the user.
-        if sp.max_new_tokens == 0 or getattr(req, "inflight_middle_chunks", 0) > 0 or req.finished():
+        # Middle chunks of a chunked prefill sample nothing; the n > 1 prefix warm-up
+        # (max_new_tokens = 0) neither, but its group may warm up on the prompt it computes.
+        samples = sp.max_new_tokens != 0
+        if (not samples and not self.cfg.warmup_steps) or getattr(req, "inflight_middle_chunks", 0) > 0 \
+                or req.finished():
             return None
         known = self.requests.get(req.rid)
         if known is not None:
             return known
         params = esamp_params.parse(sp.custom_params, self.cfg.max_beta)
+        if not samples and not params.active:
+            return None
         if not params.active:
             if params.seed is None:
                 return None
@@ -151,7 +171,7 @@ class SchedulerState:
         if fresh:
             self.lane.reset_slots(torch.tensor([slot], device=self.device))
             self.counters.groups_created += 1
-        self.requests[req.rid] = known = ExploringRequest(params, group, slot)
+        self.requests[req.rid] = known = ExploringRequest(params, group, slot, samples)
         return known
 
     def release(self, rid: str) -> None:
@@ -170,6 +190,25 @@ class SchedulerState:
             return self._norm(self._embed(input_ids.index_select(0, rows)))
         captured = aux_hidden_states[0] if isinstance(aux_hidden_states, (list, tuple)) else aux_hidden_states
         return captured.index_select(0, rows)
+
+    def warm_up(self, input_ids: torch.Tensor, hidden: torch.Tensor, aux_hidden_states, extend_lens: list[int]) -> None:
+        """Extend pass: every exploring request's group trains ``warmup_steps`` steps on the
+        prompt states this pass computed for it (with the radix cache: the part of the prompt
+        not cached yet — for n > 1, the prefix warm-up request computes it all), before the
+        group's first sampled token."""
+        step = self.current
+        ends = torch.tensor(extend_lens).cumsum(0)
+        rows, slots = [], []
+        for i, slot in enumerate(step.warm_slot):
+            if slot >= 0:
+                rows.append(torch.arange(int(ends[i]) - extend_lens[i], int(ends[i])))
+                slots.append(torch.full((extend_lens[i],), slot, dtype=torch.int64))
+        if not rows:
+            return
+        index = torch.cat(rows).to(hidden.device)
+        x = self.shallow_state(input_ids, aux_hidden_states, index)
+        self.lane.warm_up(x, hidden.index_select(0, index), torch.cat(slots))
+        self.counters.warmed_up_tokens += len(index)
 
     def mix(self, input_ids: torch.Tensor, hidden: torch.Tensor, aux_hidden_states, rows: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -239,6 +278,7 @@ class SchedulerState:
             "distiller_resets": int(self.bank.reset_count),
             "lane_lag": self.lane.lag,
             "mixed_tokens": self.counters.mixed_tokens,
+            "warmed_up_tokens": self.counters.warmed_up_tokens,
             "refused_no_slot": self.counters.refused_no_slot,
             "groups_created": self.counters.groups_created,
             "esamp_seconds": round(self.counters.esamp_seconds, 6),

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from esamp_sgl.config import ESampConfig, bytes_per_group
+from esamp_sgl.config import ESampConfig, bytes_per_group, scheduled_beta
 from esamp_sgl.distiller import DistillerBank, RowGroups, distiller_forward, init_slot
 from esamp_sgl.lane import DeferredLane
 from esamp_sgl.latent_step import distill_and_mix_torch
@@ -151,7 +151,7 @@ def test_nan_input_resets_only_its_slot():
 def test_warm_up_takes_the_configured_steps():
     x, h = _data(6)
     bank = DistillerBank(2, D, ESampConfig(init="random", rank=8, warmup_steps=3))
-    bank.warm_up(x, h, slot=1)
+    bank.warm_up(x, h, torch.ones(6, dtype=torch.int64))
     assert bank.train_steps == 3 and bank.slot_steps.tolist() == [0, 3]
 
 
@@ -307,3 +307,8 @@ def test_lane_reset_lands_queued_jobs_before_fresh_weights():
     assert lane.lag == 0
     assert _same_weights(bank, 0, fresh, 0)  # the old group's job landed, then the reset
     assert not _same_weights(bank, 1, fresh, 1)
+
+
+def test_beta_schedule_halves_per_halflife_and_zero_is_constant():
+    assert scheduled_beta(1.0, 0, 8) == 1.0 and scheduled_beta(1.0, 16, 8) == 0.25
+    assert scheduled_beta(0.7, 100, 0) == 0.7

@@ -1,5 +1,6 @@
 """Server options on one real server (tiny model): post-filter mode (the base model picks the
-candidates), a captured layer as the distiller's source, and ESamp's gauges on /metrics."""
+candidates), a captured layer as the distiller's source, warm-up on prompt states, a β schedule, and ESamp's
+gauges on /metrics."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import requests
 import torch
 
 from tests.conftest import launch
-from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, explore, gen, lm_head_weight
+from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore, gen, lm_head_weight
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_path):
     yield from launch(tiny_model_path, "esamp-tiny-options", "--esamp-init", "random", "--esamp-filter-mode", "post",
-                      "--esamp-source", "layer:1", "--esamp-lr", "0.05", "--enable-metrics")
+                      "--esamp-source", "layer:1", "--esamp-lr", "0.05", "--esamp-warmup-steps", "2",
+                      "--esamp-beta-halflife", "8", "--enable-metrics")
 
 
 def test_post_filter_mode_keeps_the_base_candidates(server, tiny_model_path):
@@ -57,3 +59,24 @@ def test_layer_source_explores_and_learns(server):
     later = gen(server, prompt, **sampled, **explore(1.0, group="layer-src", seed=5))
     assert first["meta_info"]["esamp"]["tokens_mixed"] == N_TOKENS
     assert later["meta_info"]["esamp"]["mean_novelty"] < first["meta_info"]["esamp"]["mean_novelty"]
+
+
+def test_n_samples_warm_their_group_up_on_the_prompt_once(server):
+    before = esamp_stats(server)
+    prompt = "Warm-up check: " + " ".join(f"item {i}," for i in range(30))
+    outs = gen(server, prompt, temperature=1.0, max_new_tokens=4, n=4, ignore_eos=True, **explore(1.0))
+    after = esamp_stats(server)
+    prompt_tokens = outs[0]["meta_info"]["prompt_tokens"]
+    warmed = after["warmed_up_tokens"] - before["warmed_up_tokens"]
+    # SGLang's prefix warm-up computes the prompt once; the radix cache gives the 4 samples the rest
+    assert prompt_tokens <= warmed < prompt_tokens + 4 * 4
+    assert after["groups_created"] - before["groups_created"] == 1
+    # 2 warm-up steps per extend pass (at least the prefix warm-up's) + one per decode step
+    assert after["training_steps"] - before["training_steps"] >= 2 + 3
+
+
+def test_beta_halves_every_halflife_tokens(server):
+    out = gen(server, PROMPTS[0], temperature=1.0, max_new_tokens=N_TOKENS, ignore_eos=True, **explore(2.0, debug=True))
+    betas = [step["beta"] for step in out["meta_info"]["esamp_debug"]]
+    assert betas == pytest.approx([2.0 * 0.5 ** (i / 8) for i in range(N_TOKENS)])
+    assert out["meta_info"]["esamp"]["beta"] == 2.0

@@ -1,5 +1,5 @@
 """``esamp-sgl bench quality --quick`` end to end on the tiny model: real servers (an SVD-init
-recipe and a base-distiller recipe), saved points, resumption, the report and its plots."""
+recipe, a base-distiller recipe and one with a β schedule), saved points, resumption, the report and its plots."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ BENCH = [sys.executable, "-m", "esamp_sgl.cli", "bench", "quality"]
 def _bench(tiny_model_path: Path, results: Path, *stages: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = [*stages, "--quick", "--model", str(tiny_model_path), "--tasks", "products", "--recipes", "svd",
-            "--finalists", "base", "--results-dir", str(results)]
+            "--tune-recipes", "base-post-halflife16", "--finalists", "base", "--results-dir", str(results)]
     return subprocess.run(BENCH + args, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -34,6 +34,9 @@ def test_quick_benchmark_runs_every_stage_and_resumes(tiny_model_path: Path, tmp
         assert len(point["problems"]) == 3 and all(len(p["answers"]) == 4 for p in point["problems"])
         explores = "b1" in key
         assert all((p["novelty"] is not None) == explores for p in point["problems"])
+    tune = json.loads((results / "quality_tune_quick.json").read_text())
+    assert set(tune["points"]) == {"chain_sum/base-post-halflife16/plain-T0.8",
+                                   "chain_sum/base-post-halflife16/base-post-halflife16-T0.8-b1-minp0.05"}
     frontier = json.loads((results / "quality_frontier_quick.json").read_text())
     assert {p["method"]["family"] for p in frontier["points"].values()} == {"plain", "fire", "base"}
     assert "bench quality" in frontier["run"]["command"]
@@ -46,7 +49,7 @@ def test_quick_benchmark_runs_every_stage_and_resumes(tiny_model_path: Path, tmp
     assert 0 < stats.held_out_relative_error < 1.0  # better than the untrained distiller's ≈ 1+
 
     readme = (tmp_path / "README.md").read_text()
-    assert "| ESamp point | vs plain |" in readme and "Vendi" in readme and "Screening" in readme
+    assert "| ESamp point | vs plain |" in readme and "Vendi" in readme and "Screening" in readme and "Tuning" in readme
     assert (results / "quality_frontier_products_quick.png").stat().st_size > 0
     assert (results / "quality_writing_quick.png").stat().st_size > 0
 

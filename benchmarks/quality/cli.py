@@ -11,12 +11,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.quality import plans
-from benchmarks.quality.recipes import RECIPES
+from benchmarks.quality.recipes import RECIPES, SCREEN_RECIPES, TUNE_RECIPES
 from benchmarks.quality.run import ResultsFile, run_points
 from benchmarks.quality.tasks import TASKS
 from benchmarks.results_io import RESULTS_DIR, run_metadata
 
-STAGES = ("screen", "frontier", "writing", "report")
+STAGES = ("screen", "tune", "frontier", "writing", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="a few problems and samples: minutes, not an hour")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tasks", default="chain_sum,products", help=f"comma-separated, of {sorted(TASKS)}")
-    parser.add_argument("--recipes", default=",".join(RECIPES), help="recipes to screen")
+    parser.add_argument("--recipes", default=",".join(SCREEN_RECIPES), help="recipes to screen")
+    parser.add_argument("--tune-recipes", default=",".join(TUNE_RECIPES),
+                        help="the default recipe, then its one-knob variants (stage tune)")
     parser.add_argument("--finalists", default=",".join(plans.DEFAULT_FINALISTS), help="recipes on the frontier")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     return parser
@@ -46,16 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
     tasks = _names(args.tasks, TASKS, "task")
-    recipes = _names(args.recipes, RECIPES, "recipe")
+    recipes = {"screen": _names(args.recipes, RECIPES, "recipe"), "tune": _names(args.tune_recipes, RECIPES, "recipe")}
     finalists = _names(args.finalists, RECIPES, "recipe")
     suffix = "_quick" if args.quick else ""
     log_dir = args.results_dir / "logs"
     for stage in args.stages or STAGES:
         path = args.results_dir / f"quality_{stage}{suffix}.json"
-        if stage in ("screen", "frontier"):
+        if stage in ("screen", "tune", "frontier"):
             size = plans.SIZES[(stage, args.quick)]
-            points = (plans.screen_points(recipes, args.quick) if stage == "screen"
-                      else plans.frontier_points(tasks, finalists, args.quick))
+            points = (plans.frontier_points(tasks, finalists, args.quick) if stage == "frontier"
+                      else plans.screen_points(recipes[stage], args.quick))
             results = ResultsFile(path, {"model": args.model, **asdict(size)})
             results.set_run(run_metadata())
             run_points(points, results, model=args.model, size=size, log_dir=log_dir)

@@ -11,8 +11,8 @@ DEFAULT_FINALISTS = ("base-post",)
 PLAIN_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
 
 
-SIZES = {("screen", False): Size(8, 16), ("frontier", False): Size(20, 16),
-         ("screen", True): Size(3, 4, 16), ("frontier", True): Size(3, 4, 16)}
+SIZES = {("screen", False): Size(8, 16), ("tune", False): Size(8, 16), ("frontier", False): Size(20, 16),
+         ("screen", True): Size(3, 4, 16), ("tune", True): Size(3, 4, 16), ("frontier", True): Size(3, 4, 16)}
 
 
 def esamp_method(recipe: str, temperature: float, beta: float) -> Method:
@@ -20,7 +20,8 @@ def esamp_method(recipe: str, temperature: float, beta: float) -> Method:
 
 
 def screen_points(recipes: list[str], quick: bool) -> list[Point]:
-    """Each recipe at β = 1 and T = 0.8 on a few problems, beside plain T = 0.8."""
+    """Each recipe at β = 1 and T = 0.8 on a few problems, beside plain T = 0.8 (the "screen"
+    and "tune" stages: recipes against each other, then knobs of the default recipe)."""
     points = [Point(SCREEN_TASK, Method("plain", 0.8, recipe=recipes[0]))]
     points += [Point(SCREEN_TASK, esamp_method(r, 0.8, 1.0)) for r in recipes]
     return points[:2] if quick else points

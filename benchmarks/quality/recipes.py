@@ -29,7 +29,15 @@ RECIPES: dict[str, list[str]] = {
     "base-lr1e-2": _flags(init="base", lr="1e-2"),
     "base-adamw": _flags(init="base", optimizer="adamw"),
     "base-layer2": _flags(init="base", source="layer:2"),
+    # One knob at a time from the default recipe (base-post):
+    "base-post-warmup8": _flags(init="base", filter_mode="post", warmup_steps="8"),
+    "base-post-steps2": _flags(init="base", filter_mode="post", steps_per_decode="2"),
+    "base-post-halflife16": _flags(init="base", filter_mode="post", beta_halflife="16"),
+    "base-post-layer2": _flags(init="base", filter_mode="post", source="layer:2"),
 }
+SCREEN_RECIPES = ("random", "svd", "base", "base-post", "base-orthogonal", "base-rescaled", "base-tempered",
+                  "base-lr1e-2", "base-adamw", "base-layer2")
+TUNE_RECIPES = ("base-post", "base-post-warmup8", "base-post-steps2", "base-post-halflife16", "base-post-layer2")
 
 POST_FILTER_MIN_P = 0.05  # post-filter recipes: the base distribution's min-p picks the candidates
 

@@ -50,9 +50,9 @@ def _is_esamp(point: dict) -> bool:
     return point["method"]["beta"] > 0
 
 
-def screen_table(data: dict) -> list[str]:
+def screen_table(data: dict, title: str) -> list[str]:
     settings = data["settings"]
-    lines = [f"Screening ({settings['problems']} problems × {settings['n']} samples, chain_sum, T = 0.8, β = 1; "
+    lines = [f"{title} ({settings['problems']} problems × {settings['n']} samples, chain_sum, T = 0.8, β = 1; "
              "Δ vs plain T = 0.8, paired, 90% bootstrap intervals over problems):", "",
              "| recipe | pass@1 | pass@16 | distinct / n | tokens | rel. error | Δ pass@1 | Δ pass@16 | Δ distinct |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -185,7 +185,8 @@ def _plot_writing(rows: list[tuple[dict, dict]], path: Path) -> None:
 def write_report(results_dir: Path, suffix: str = "", readme: Path = README) -> str:
     """Regenerate the quality section of ``readme`` from whatever stages have results."""
     sections: list[str] = []
-    for stage, render in (("screen", lambda d: screen_table(d)),
+    for stage, render in (("screen", lambda d: screen_table(d, "Screening")),
+                          ("tune", lambda d: screen_table(d, "Tuning the default recipe, one knob at a time")),
                           ("frontier", lambda d: frontier_tables(d, results_dir, suffix)),
                           ("writing", lambda d: writing_table(d, results_dir, suffix))):
         data = _load(results_dir / f"quality_{stage}{suffix}.json")
