@@ -79,19 +79,25 @@ def post_filter_logits(logits: torch.Tensor, h_hat: torch.Tensor, lm_head: torch
     head ``lm_head`` [V, d]). Rows with β = 0 are returned unchanged. Eager only (the candidate
     count is data-dependent); it runs beside the sampler, after the CUDA graph.
     """
-    out = logits.clone()
     rows = (beta > 0).nonzero().squeeze(-1)
     if rows.numel() == 0:
-        return out
-    base, keep, b = logits[rows].float(), keep[rows], beta[rows].float().unsqueeze(-1)
-    k = int(keep.sum(-1).max())
+        return logits.clone()
+    every = rows.numel() == logits.shape[0]  # the common case: no row copies
+    base = logits.float() if every else logits[rows].float()
+    keep = keep if every else keep[rows]
+    b = beta[rows].float().unsqueeze(-1)
+    k = int(keep.sum(-1, dtype=torch.int32).max())
     if k * DENSE_CANDIDATE_SHARE > base.shape[1]:
         # Many candidates (e.g. no filter at all): one matmul beats gathering k LM-head rows per row.
         amateur = (h_hat[rows].to(lm_head.dtype) @ lm_head.T).float()  # [R, V]
-        out[rows] = torch.where(keep, (1 + b) * base - b * amateur, float("-inf")).to(out.dtype)
-        return out
-    cand = torch.where(keep, base, float("-inf")).topk(k, dim=-1).indices  # [R, k]
-    amateur = torch.einsum("rkd,rd->rk", lm_head[cand].float(), h_hat[rows].float())
-    mixed = torch.where(keep.gather(1, cand), (1 + b) * base.gather(1, cand) - b * amateur, float("-inf"))
-    out[rows] = torch.full_like(base, float("-inf")).scatter(1, cand, mixed).to(out.dtype)
+        mixed_rows = torch.where(keep, (1 + b) * base - b * amateur, float("-inf"))
+    else:
+        cand = torch.where(keep, base, float("-inf")).topk(k, dim=-1).indices  # [R, k]
+        amateur = torch.einsum("rkd,rd->rk", lm_head[cand].float(), h_hat[rows].float())
+        mixed = torch.where(keep.gather(1, cand), (1 + b) * base.gather(1, cand) - b * amateur, float("-inf"))
+        mixed_rows = torch.full_like(base, float("-inf")).scatter(1, cand, mixed)
+    if every:
+        return mixed_rows.to(logits.dtype)
+    out = logits.clone()
+    out[rows] = mixed_rows.to(out.dtype)
     return out

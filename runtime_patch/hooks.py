@@ -86,13 +86,15 @@ def attach_to_worker(result: None, worker: Any, *args: Any, **kwargs: Any) -> No
 def around_forward_batch(original: Any, worker: Any, batch: Any = None, *args: Any, **kwargs: Any) -> Any:
     """AROUND TpModelWorker.forward_batch_generation (SGLang 0.5.23).
 
-    Makes ``batch.reqs`` (row order of the forward) visible to the logits hook for this call.
+    Makes ``batch.reqs`` (row order of the forward) visible to the logits hook for this call;
+    assumes ``batch`` is the ScheduleBatch, whose ``chunked_req`` is a request this forward
+    computes only a non-final prefill chunk of.
     """
     if _state is None or batch is None:
         return original(worker, batch, *args, **kwargs)
     start = time.perf_counter()
     with _state.timed():
-        _state.begin_batch(batch.reqs)
+        _state.begin_batch(batch.reqs, getattr(batch, "chunked_req", None))
     try:
         return original(worker, batch, *args, **kwargs)
     finally:

@@ -31,14 +31,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ExploringRequest:
-    """A request that explores (β > 0: group and slot) or asked for seeded sampling, or both.
-    ``samples`` is False for the prefix warm-up of an n > 1 request: it only computes the
-    prompt, which its group may warm up on, and samples nothing."""
+    """A request that explores (β > 0: group and slot) or asked for seeded sampling, or both."""
 
     params: esamp_params.ExploreParams
     group: str | None
     slot: int  # -1: no group (β = 0)
-    samples: bool = True
     sampled: int = 0  # forwards that sampled a token of it so far (SGLang's output_ids lag by a
                       # step under the overlap scheduler)
 
@@ -115,13 +112,14 @@ class SchedulerState:
 
     # --- per batch -----------------------------------------------------------------------------
 
-    def begin_batch(self, reqs: list) -> None:
-        """Resolve each row's β and slot; ``current`` stays None when no row explores."""
+    def begin_batch(self, reqs: list, chunked_req=None) -> None:
+        """Resolve each row's β and slot; ``current`` stays None when no row explores.
+        ``chunked_req``: the request whose prefill this batch computes only a chunk of."""
         rows = [self._row(req) for req in reqs]
         if not any(r is not None for r in rows):
             self.current = None
             return
-        sampling = [r if r is not None and r.samples else None for r in rows]
+        sampling = [r if r is not None and samples_now(req, chunked_req) else None for r, req in zip(rows, reqs)]
         betas = [scheduled_beta(r.params.beta, r.sampled, self.cfg.beta_halflife) if r else 0.0 for r in sampling]
         for r in sampling:
             if r is not None:
@@ -144,17 +142,15 @@ class SchedulerState:
 
     def _row(self, req) -> ExploringRequest | None:
         sp = req.sampling_params
-        # Middle chunks of a chunked prefill sample nothing; the n > 1 prefix warm-up
-        # (max_new_tokens = 0) neither, but its group may warm up on the prompt it computes.
-        samples = sp.max_new_tokens != 0
-        if (not samples and not self.cfg.warmup_steps) or getattr(req, "inflight_middle_chunks", 0) > 0 \
-                or req.finished():
+        if req.finished():
             return None
         known = self.requests.get(req.rid)
         if known is not None:
             return known
         params = esamp_params.parse(sp.custom_params, self.cfg.max_beta)
-        if not samples and not params.active:
+        # The n > 1 prefix warm-up (max_new_tokens = 0) samples nothing; it matters only to a
+        # group that warms up on the prompt it computes.
+        if sp.max_new_tokens == 0 and not (params.active and self.cfg.warmup_steps):
             return None
         if not params.active:
             if params.seed is None:
@@ -171,7 +167,7 @@ class SchedulerState:
         if fresh:
             self.lane.reset_slots(torch.tensor([slot], device=self.device))
             self.counters.groups_created += 1
-        self.requests[req.rid] = known = ExploringRequest(params, group, slot, samples)
+        self.requests[req.rid] = known = ExploringRequest(params, group, slot)
         return known
 
     def release(self, rid: str) -> None:
@@ -284,6 +280,15 @@ class SchedulerState:
             "esamp_seconds": round(self.counters.esamp_seconds, 6),
             "forward_seconds": round(self.counters.forward_seconds, 6),
         }
+
+
+def samples_now(req, chunked_req) -> bool:
+    """Whether this forward samples a token of ``req``: not the n > 1 prefix warm-up
+    (max_new_tokens = 0), not a non-final chunk of a chunked prefill (SGLang 0.5.23 marks it as
+    the batch's ``chunked_req``; its ``inflight_middle_chunks`` is no guide, since under the
+    overlap scheduler it still counts the previous chunk while the last one runs). Such
+    forwards still compute prompt states to warm up on."""
+    return req.sampling_params.max_new_tokens != 0 and req is not chunked_req
 
 
 def filters_candidates(sampling_info) -> bool:

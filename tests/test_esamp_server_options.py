@@ -1,6 +1,6 @@
 """Server options on one real server (tiny model): post-filter mode (the base model picks the
-candidates), a captured layer as the distiller's source, warm-up on prompt states, a β schedule, and ESamp's
-gauges on /metrics."""
+candidates), a captured layer as the distiller's source, warm-up on prompt states, a β schedule, chunked
+prefill, and ESamp's gauges on /metrics."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ from tests.conftest import launch
 from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore, gen, lm_head_weight
 
 
+CHUNK = 64  # prefill chunk size: long prompts arrive in several forwards
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_path):
     yield from launch(tiny_model_path, "esamp-tiny-options", "--esamp-init", "random", "--esamp-filter-mode", "post",
                       "--esamp-source", "layer:1", "--esamp-lr", "0.05", "--esamp-warmup-steps", "2",
-                      "--esamp-beta-halflife", "8", "--enable-metrics")
+                      "--esamp-beta-halflife", "8", "--chunked-prefill-size", str(CHUNK), "--enable-metrics")
 
 
 def test_post_filter_mode_keeps_the_base_candidates(server, tiny_model_path):
@@ -80,3 +83,14 @@ def test_beta_halves_every_halflife_tokens(server):
     betas = [step["beta"] for step in out["meta_info"]["esamp_debug"]]
     assert betas == pytest.approx([2.0 * 0.5 ** (i / 8) for i in range(N_TOKENS)])
     assert out["meta_info"]["esamp"]["beta"] == 2.0
+
+
+def test_chunked_prefill_warms_up_on_every_chunk_and_mixes_only_sampled_tokens(server):
+    before = esamp_stats(server)
+    prompt = "Chunked: " + " ".join(f"row {i};" for i in range(60))
+    out = gen(server, prompt, temperature=1.0, max_new_tokens=8, ignore_eos=True, **explore(1.0))
+    after = esamp_stats(server)
+    prompt_tokens = out["meta_info"]["prompt_tokens"]
+    assert prompt_tokens > 2 * CHUNK
+    assert out["meta_info"]["esamp"]["tokens_mixed"] == after["mixed_tokens"] - before["mixed_tokens"] == 8
+    assert prompt_tokens - 4 <= after["warmed_up_tokens"] - before["warmed_up_tokens"] <= prompt_tokens
