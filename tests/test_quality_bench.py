@@ -36,7 +36,8 @@ def test_quick_benchmark_runs_every_stage_and_resumes(tiny_model_path: Path, tmp
         assert all((p["novelty"] is not None) == explores for p in point["problems"])
     tune = json.loads((results / "quality_tune_quick.json").read_text())
     assert set(tune["points"]) == {"chain_sum/base-post-halflife16/plain-T0.8",
-                                   "chain_sum/base-post-halflife16/base-post-halflife16-T0.8-b1-minp0.05"}
+                                   "chain_sum/base-post-halflife16/base-post-halflife16-T0.8-b1-minp0.05",
+                                   "chain_sum/base-post-halflife16/min_p-T0.8-minp0.05"}
     frontier = json.loads((results / "quality_frontier_quick.json").read_text())
     assert {p["method"]["family"] for p in frontier["points"].values()} == {"plain", "fire", "base"}
     assert "bench quality" in frontier["run"]["command"]

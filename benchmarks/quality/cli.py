@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if stage in ("screen", "tune", "frontier"):
             size = plans.SIZES[(stage, args.quick)]
             points = (plans.frontier_points(tasks, finalists, args.quick) if stage == "frontier"
-                      else plans.screen_points(recipes[stage], args.quick))
+                      else plans.screen_points(recipes[stage], args.quick, min_p_control=stage == "tune"))
             results = ResultsFile(path, {"model": args.model, **asdict(size)})
             results.set_run(run_metadata())
             run_points(points, results, model=args.model, size=size, log_dir=log_dir)

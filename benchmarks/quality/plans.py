@@ -19,12 +19,17 @@ def esamp_method(recipe: str, temperature: float, beta: float) -> Method:
     return Method(recipe, temperature, beta=beta, min_p=recipe_min_p(recipe), recipe=recipe)
 
 
-def screen_points(recipes: list[str], quick: bool) -> list[Point]:
+def screen_points(recipes: list[str], quick: bool, min_p_control: bool = False) -> list[Point]:
     """Each recipe at β = 1 and T = 0.8 on a few problems, beside plain T = 0.8 (the "screen"
-    and "tune" stages: recipes against each other, then knobs of the default recipe)."""
+    and "tune" stages: recipes against each other, then knobs of the default recipe). With
+    ``min_p_control``, also plain sampling with the first recipe's min-p: what the post-filter's
+    candidate cut alone does, without the contrast."""
     points = [Point(SCREEN_TASK, Method("plain", 0.8, recipe=recipes[0]))]
     points += [Point(SCREEN_TASK, esamp_method(r, 0.8, 1.0)) for r in recipes]
-    return points[:2] if quick else points
+    points = points[:2] if quick else points
+    if min_p_control and recipe_min_p(recipes[0]) > 0:
+        points.append(Point(SCREEN_TASK, Method("min_p", 0.8, min_p=recipe_min_p(recipes[0]), recipe=recipes[0])))
+    return points
 
 
 def frontier_points(tasks: list[str], finalists: list[str], quick: bool) -> list[Point]:

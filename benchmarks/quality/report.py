@@ -56,17 +56,28 @@ def screen_table(data: dict, title: str) -> list[str]:
              "Δ vs plain T = 0.8, paired, 90% bootstrap intervals over problems):", "",
              "| recipe | pass@1 | pass@16 | distinct / n | tokens | rel. error | Δ pass@1 | Δ pass@16 | Δ distinct |",
              "|---|---|---|---|---|---|---|---|---|"]
+    controls: list[str] = []
     for task, points in _points_by_task(data).items():
         plain = next(m for p, m in points if p["method"]["family"] == "plain")
+        min_p = next((m for p, m in points if p["method"]["family"] == "min_p"), None)
         for point, m in points:
-            row = [point["method"]["family"] if _is_esamp(point) else "plain (β = 0)",
+            method = point["method"]
+            name = method["family"] if _is_esamp(point) else f"{method['family']} (β = 0)"
+            row = [name if method["family"] != "min_p" else f"plain, min-p {method['min_p']:g} (β = 0)",
                    _fmt(m["pass@1"].mean()), _fmt(m["pass@16"].mean()), _fmt(m["distinct"].mean(), 2),
                    _fmt(m["tokens"].mean(), 1), _fmt(novelty(point))]
             if _is_esamp(point):
                 row += [_bootstrap(m[k], plain[k]) for k in ("pass@1", "pass@16", "distinct")]
+                if min_p is not None:
+                    controls.append(f"| {name} | " + " | ".join(_bootstrap(m[k], min_p[k])
+                                                             for k in ("pass@1", "pass@16", "distinct")) + " |")
             else:
                 row += ["", "", ""]
             lines.append("| " + " | ".join(row) + " |")
+    if controls:
+        lines += ["", "The same ESamp points against plain sampling with the recipe's min-p (its candidate cut "
+                  "without the contrast):", "", "| recipe | Δ pass@1 | Δ pass@16 | Δ distinct |", "|---|---|---|---|",
+                  *controls]
     return lines
 
 
