@@ -6,8 +6,8 @@ Both servers run side by side (--sleep-on-idle) and each round runs three arms, 
 rotating order so drift on this shared machine hits them alike:
   - plain SGLang: a `--no-esamp` server (the plugin registers nothing);
   - ESamp server: rounds without explore and with explore β = 0.5.
-Reported as the median over rounds of each round's ratio, and — robust to the machine's noise — ESamp's share of the
-scheduler's forward time in explore rounds, from the server's own counters. Run:
+Reported as the median over rounds of each round's ratio, and — robust to the machine's noise —
+ESamp's share of the scheduler's forward time in explore rounds, from the server's own counters. Run:
   .venv/bin/python benchmarks/throughput.py [--rounds 2] [--max-tokens 128] [--recipe NAME]
 Writes benchmarks/results/throughput.json (throughput_NAME.json with --recipe).
 """
