@@ -9,7 +9,7 @@ import requests
 import torch
 
 from tests.conftest import launch
-from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore, gen, lm_head_weight
+from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore, gen, lm_head_weight, post
 
 
 CHUNK = 64  # prefill chunk size: long prompts arrive in several forwards
@@ -43,6 +43,19 @@ def test_post_filter_min_p_keeps_the_base_min_p_candidates(server, tiny_model_pa
         probs = torch.softmax(W @ torch.tensor(step["h"]), dim=-1)
         assert probs[token] >= 0.99 * min_p * probs.max()
     assert out["meta_info"]["esamp"]["tokens_mixed"] == N_TOKENS
+
+
+def test_post_filter_without_base_filters_samples_the_full_mix(server, tiny_model_path):
+    # No top-k/top-p/min-p: every token is a candidate, and the returned logprobs are the mixed ones.
+    W = lm_head_weight(tiny_model_path)
+    sampling = {"temperature": 1.0, "max_new_tokens": N_TOKENS, "ignore_eos": True, **explore(2.0, debug=True)}
+    out = post(server, "/generate", {"text": PROMPTS[2], "return_logprob": True, "sampling_params": sampling}).json()
+    steps = out["meta_info"]["esamp_debug"]
+    assert len(steps) == N_TOKENS
+    for (logprob, token, _), step in zip(out["meta_info"]["output_token_logprobs"], steps):
+        h, h_hat = torch.tensor(step["h"]), torch.tensor(step["h_hat"])
+        mixed = torch.log_softmax(W @ (h + step["beta"] * (h - h_hat)), dim=-1)
+        assert logprob == pytest.approx(mixed[token].item(), abs=1e-3)
 
 
 def test_counters_reach_prometheus_metrics(server):
