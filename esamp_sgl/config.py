@@ -12,11 +12,13 @@ Init = Literal["random", "svd", "base"]
 MixVariant = Literal["plain", "orthogonal", "rescaled", "tempered"]
 FilterMode = Literal["pre", "post"]
 Optimizer = Literal["sgd", "adamw"]
+DecodePath = Literal["auto", "graph"]
 
 INITS: tuple[str, ...] = ("random", "svd", "base")
 MIX_VARIANTS: tuple[str, ...] = ("plain", "orthogonal", "rescaled", "tempered")
 FILTER_MODES: tuple[str, ...] = ("pre", "post")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
+DECODE_PATHS: tuple[str, ...] = ("auto", "graph")
 SOURCE_LAYER = re.compile(r"layer:(\d+)")
 
 # The server processes SGLang spawns read ESamp's config from this variable; its presence is
@@ -36,7 +38,12 @@ class ESampConfig:
     residual stream after decoder layer N, captured by the model itself.
 
     beta_halflife > 0: a request's β halves every ``beta_halflife`` generated tokens (explore
-    where an answer's path is chosen, then let the model finish it); 0 keeps β constant."""
+    where an answer's path is chosen, then let the model finish it); 0 keeps β constant.
+
+    decode_path "auto": inside SGLang's decode CUDA graphs the graph form of the step
+    (esamp_sgl/graph_rows.py), where decode runs eagerly the faster slot-grouped form. "graph":
+    the graph form on every decode step, eager ones too — how a machine without a GPU checks
+    the logic the graphs replay."""
 
     rank: int = 32
     init: Init = "base"
@@ -54,6 +61,7 @@ class ESampConfig:
     max_beta: float = 4.0
     beta_halflife: float = 0.0
     source: str = "embed"
+    decode_path: DecodePath = "auto"
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "rank", self.rank, "must be >= 1")
@@ -69,6 +77,7 @@ class ESampConfig:
         _check(self.max_beta > 0, "max_beta", self.max_beta, "must be > 0")
         _check(self.group_ttl >= 0, "group_ttl", self.group_ttl, "must be >= 0")
         _check(self.beta_halflife >= 0, "beta_halflife", self.beta_halflife, "must be >= 0 (0: constant β)")
+        _check(self.decode_path in DECODE_PATHS, "decode_path", self.decode_path, f"must be one of {DECODE_PATHS}")
         _check(self.source == "embed" or SOURCE_LAYER.fullmatch(self.source) is not None, "source", self.source,
                "must be 'embed' or 'layer:N'")
 

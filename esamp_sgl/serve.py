@@ -34,9 +34,10 @@ CPU_DEFAULTS: dict[str, str | None] = {
     "--host": "127.0.0.1",
 }
 CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}  # without it rotary embedding reaches vllm ops
-# ESamp's mix runs in Python between the final norm and the LM head; SGLang's decode CUDA graph
-# would replay the model without it, so ESamp turns that graph off on GPU.
-GPU_ESAMP_DEFAULTS: dict[str, str | None] = {"--cuda-graph-backend-decode": "disabled"}
+# Decode CUDA graphs capture ESamp's step with the model (runtime_patch/hooks.py joins SGLang's
+# capture hooks). A prefill graph would replay an extend without ESamp's last-token mix and
+# warm-up, which run on the host's per-request view of the batch: ESamp keeps prefill eager.
+GPU_ESAMP_DEFAULTS: dict[str, str | None] = {"--cuda-graph-backend-prefill": "disabled"}
 
 
 @dataclass(frozen=True)

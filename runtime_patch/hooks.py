@@ -15,9 +15,7 @@ import torch
 
 from esamp_sgl import params as esamp_params
 from esamp_sgl.config import ESampConfig
-from runtime_patch.scheduler_state import SchedulerState, filters_candidates
-
-TOKEN_KEY = "esamp_token"  # per-token customized_info key; summarized into meta_info["esamp"]
+from runtime_patch.scheduler_state import TOKEN_KEY, SchedulerState, attach_token_info, filters_candidates
 
 _cfg: ESampConfig | None = None
 _state: SchedulerState | None = None
@@ -56,7 +54,7 @@ def summarize_meta_info(result: None, manager: Any, meta_info: dict, *args: Any,
     in meta_info["esamp_debug"] (h, ĥ, novelty and the β that token was mixed with).
     """
     tokens = meta_info.pop(TOKEN_KEY, None)
-    entries = [t for t in tokens or [] if t]
+    entries = [t for t in tokens or [] if t]  # dicts: TokenInfo.copy() ran in the scheduler
     if not entries:
         return
     meta_info["esamp"] = {
@@ -72,15 +70,47 @@ def summarize_meta_info(result: None, manager: Any, meta_info: dict, *args: Any,
 # --- scheduler process: the decode path ---------------------------------------------------------
 
 def attach_to_worker(result: None, worker: Any, *args: Any, **kwargs: Any) -> None:
-    """AFTER TpModelWorker.__init__ (SGLang 0.5.23): build the state for the target model.
+    """AFTER TpModelWorker.__init__ (SGLang 0.5.23): build the state for the target model, and
+    join SGLang's decode-graph capture (the model runner's ``capture_head_hooks`` /
+    ``capture_tail_hooks``).
 
-    Raises (and so fails server startup) for models ESamp cannot read its shallow state from.
+    SGLang captures CUDA graphs after the worker is built (Scheduler.init_all_cuda_graphs), so a
+    captured layer (source "layer:N") and the graph-form step are in every graph. Raises (and so
+    fails server startup) for models ESamp cannot read its shallow state from.
     """
     global _state
     if kwargs.get("is_draft_worker") or _state is not None:
         return
     runner = worker.model_runner
     _state = SchedulerState(_cfg, runner.model, torch.device(runner.device), runner.model_config.model_path)
+    runner.capture_head_hooks.append(begin_decode_capture)
+    runner.capture_tail_hooks.append(end_decode_capture)
+
+
+def begin_decode_capture(graph_runner: Any, forward_batch: Any) -> None:
+    """SGLang 0.5.23 capture head hook: first inside each decode graph's warm-up and capture run."""
+    _state.begin_capture(graph_runner.max_bs)
+
+
+def end_decode_capture(graph_runner: Any, output: Any, forward_batch: Any, num_tokens: int) -> None:
+    """SGLang 0.5.23 capture tail hook: last inside each decode graph's warm-up and capture run."""
+    _state.end_capture()
+
+
+def around_decode_replay(original: Any, graph_runner: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND DecodeCudaGraphRunner.execute (SGLang 0.5.23): load β and slot into the graph's
+    buffers, replay, then (eagerly, before the sampler) train, post-filter and report.
+
+    Assumes ``execute`` replays the whole model forward, logits processor included, and returns
+    the LogitsProcessorOutput sliced to the live rows, in ``batch.reqs`` order.
+    """
+    if _state is None or not _state.graph_captured:
+        return original(graph_runner, forward_batch, *args, **kwargs)
+    with _state.timed():
+        _state.before_replay(forward_batch.batch_size)
+    output = original(graph_runner, forward_batch, *args, **kwargs)
+    with _state.timed():
+        return _state.after_replay(output, forward_batch.sampling_info)
 
 
 def around_forward_batch(original: Any, worker: Any, batch: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -118,10 +148,22 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
     a candidate, where post equals pre, so it takes the pre-filter path. Either way penalties, grammar masks, logit_bias and
     temperature then apply to the mixed logits. Returned logprobs describe the mixed logits.
     """
-    if _state is None or _state.current is None:
+    if _state is None:
         return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
     mode = logits_metadata.forward_mode
     aux_hidden_states = args[0] if args else kwargs.get("aux_hidden_states")
+    if _state.capturing:  # recorded into a decode CUDA graph; replays run around_decode_replay
+        mixed = _state.graph_step(input_ids, hidden_states, aux_hidden_states)
+        return original(processor, input_ids, mixed, lm_head, logits_metadata, *args, **kwargs)
+    if _state.current is None:
+        return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
+    if mode.is_decode() and _cfg.decode_path == "graph":  # the replayed sequence, run eagerly
+        with _state.timed():
+            _state.before_replay(hidden_states.shape[0])
+            mixed = _state.graph_step(input_ids, hidden_states, aux_hidden_states)
+        output = original(processor, input_ids, mixed, lm_head, logits_metadata, *args, **kwargs)
+        with _state.timed():
+            return _state.after_replay(output, logits_metadata.sampling_info)
     if _state.current.warming and mode.is_extend() and logits_metadata.extend_seq_lens_cpu is not None:
         with _state.timed():
             _state.warm_up(input_ids, hidden_states, aux_hidden_states, logits_metadata.extend_seq_lens_cpu)
@@ -141,11 +183,9 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
     else:
         output = original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
         with _state.timed():
-            output.next_token_logits = _state.post_filter(output.next_token_logits, h_hat, lm_head.weight,
+            output.next_token_logits = _state.post_filter(output.next_token_logits, h_hat,
                                                           logits_metadata.sampling_info)
-    info = dict(output.customized_info or {})
-    info[TOKEN_KEY] = token_info
-    output.customized_info = info
+    attach_token_info(output, token_info)
     return output
 
 

@@ -27,6 +27,8 @@ SCHEDULER_HOOKS = (
     ("sglang.srt.managers.tp_worker.TpModelWorker.__init__", hooks.attach_to_worker, "AFTER"),
     ("sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation", hooks.around_forward_batch, "AROUND"),
     ("sglang.srt.layers.logits_processor.LogitsProcessor.forward", hooks.mix_before_lm_head, "AROUND"),
+    ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.execute",
+     hooks.around_decode_replay, "AROUND"),
     ("sglang.srt.layers.sampler.Sampler._sample_from_probs", hooks.seeded_resample, "AROUND"),
     ("sglang.srt.mem_cache.common.release_kv_cache", hooks.release_request, "AFTER"),
     ("sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state",

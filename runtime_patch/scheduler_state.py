@@ -19,6 +19,7 @@ from esamp_sgl import params as esamp_params
 from esamp_sgl.base_distiller import load_base
 from esamp_sgl.config import ESampConfig, scheduled_beta
 from esamp_sgl.distiller import DistillerBank, RowGroups
+from esamp_sgl.graph_rows import GraphRows
 from esamp_sgl.lane import CudaStreamLane, DeferredLane
 from esamp_sgl.latent_step import distill_and_mix
 from esamp_sgl.mix import candidate_mask, post_filter_logits
@@ -27,6 +28,8 @@ from esamp_sgl.slots import NoFreeSlot, SlotTable
 from runtime_patch.metrics import metrics_if_enabled
 
 logger = logging.getLogger(__name__)
+
+TOKEN_KEY = "esamp_token"  # per-token customized_info key; summarized into meta_info["esamp"]
 
 
 @dataclass
@@ -66,6 +69,7 @@ class StepRows:
 class Counters:
     mixed_tokens: int = 0
     steps: int = 0
+    graph_steps: int = 0  # mixing decode steps in graph form (replayed, or eager with decode path "graph")
     warmed_up_tokens: int = 0
     refused_no_slot: int = 0
     groups_created: int = 0
@@ -88,10 +92,15 @@ class SchedulerState:
     requests: dict[str, ExploringRequest] = field(default_factory=dict)
     current: StepRows | None = None
     counters: Counters = field(default_factory=Counters)
+    # The decode step as SGLang's decode CUDA graph replays it: buffers at fixed addresses, made at
+    # the first capture (sized for its largest batch) or, on an eager graph-form step, on demand.
+    graph_rows: GraphRows | None = None
+    capturing: bool = False  # inside a decode-graph capture: the logits hook records graph_step
+    graph_captured: bool = False
 
     def __post_init__(self) -> None:
         embed, norm = shallow_modules(self.model)
-        self._embed, self._norm = embed, norm
+        self._embed, self._norm, self._lm_head = embed, norm, self.model.lm_head
         if self.cfg.source_layer is not None:
             capture_layer(self.model, self.cfg.source_layer)
         hidden = embed.weight.shape[1]
@@ -178,14 +187,15 @@ class SchedulerState:
 
     # --- between the final norm and the LM head ------------------------------------------------
 
-    def shallow_state(self, input_ids: torch.Tensor, aux_hidden_states, rows: torch.Tensor) -> torch.Tensor:
-        """The distiller's input for ``rows``: the layer-0 input norm of the token embedding
-        (source "embed", from the ids alone), or the residual the model captured ("layer:N";
-        SGLang passes a list of captured tensors, or one packed tensor)."""
+    def shallow_state(self, input_ids: torch.Tensor, aux_hidden_states, rows: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """The distiller's input for ``rows`` (None: every row): the layer-0 input norm of the
+        token embedding (source "embed", from the ids alone), or the residual the model captured
+        ("layer:N"; SGLang passes a list of captured tensors, or one packed tensor)."""
         if self.cfg.source_layer is None:
-            return self._norm(self._embed(input_ids.index_select(0, rows)))
+            return self._norm(self._embed(input_ids if rows is None else input_ids.index_select(0, rows)))
         captured = aux_hidden_states[0] if isinstance(aux_hidden_states, (list, tuple)) else aux_hidden_states
-        return captured.index_select(0, rows)
+        return captured if rows is None else captured.index_select(0, rows)
 
     def warm_up(self, input_ids: torch.Tensor, hidden: torch.Tensor, aux_hidden_states, extend_lens: list[int]) -> None:
         """Extend pass: every exploring request's group trains ``warmup_steps`` steps on the
@@ -223,25 +233,77 @@ class SchedulerState:
         self.counters.steps += 1
         return out, h_hat, self._token_info(step, h, h_hat, novelty)
 
-    def post_filter(self, logits: torch.Tensor, h_hat: torch.Tensor, lm_head_weight: torch.Tensor,
-                    sampling_info) -> torch.Tensor:
+    def post_filter(self, logits: torch.Tensor, h_hat: torch.Tensor, sampling_info) -> torch.Tensor:
         """Post-filter mode: the base logits' own top-k/top-p/min-p pick the candidates, and the
         contrast (1+β)·Wh − β·Wĥ reweights only those (rows with β = 0 are unchanged)."""
         keep = candidate_mask(logits, sampling_info.top_ks, sampling_info.top_ps, sampling_info.min_ps,
                               sampling_info.temperatures.view(-1), rank_filters=uses_rank_filters(sampling_info))
-        return post_filter_logits(logits, h_hat, lm_head_weight, self.current.beta, keep)
+        return post_filter_logits(logits, h_hat, self._lm_head.weight, self.current.beta, keep)
+
+    # --- the decode step in graph form (esamp_sgl/graph_rows.py) ------------------------------
+    # On GPU SGLang captures its decode forward, our logits hook included, into CUDA graphs: the
+    # hook then records ``graph_step`` (begin_capture/end_capture bracket the capture), and every
+    # replay is bracketed by ``before_replay`` / ``after_replay``. With ``--esamp-decode-path
+    # graph`` the logits hook runs the same three eagerly on every decode step.
+    # Verified on CPU (tests/test_graph_path.py): the sequence's results — mixed tokens equal
+    # argmax W·h_mix, β = 0 rows equal plain, training, post-filter, meta — and that graph_step
+    # compiles as one graph without breaks (no host syncs). Only a GPU can verify the capture
+    # itself, replays against buffers written between them, and the side-stream lane's events.
+
+    def begin_capture(self, max_rows: int) -> None:
+        """SGLang starts capturing (or warming up) a decode graph for batches of up to ``max_rows``."""
+        if not self.graph_captured:  # the first capture: every graph shares these buffers
+            self.graph_rows = GraphRows(max_rows, self.bank.d, self.device)
+        self.graph_captured = self.capturing = True
+
+    def end_capture(self) -> None:
+        self.capturing = False
+
+    def graph_step(self, input_ids: torch.Tensor, hidden: torch.Tensor, aux_hidden_states) -> torch.Tensor:
+        """What the decode graph computes between the final norm and the LM head, for every row
+        of the padded batch (each decode row samples): the final states to project."""
+        x = self.shallow_state(input_ids, aux_hidden_states)
+        return self.graph_rows.step(self.lane.forward_params, x, hidden, self.cfg.mix, mix=self.cfg.filter_mode == "pre")
+
+    def before_replay(self, rows: int) -> None:
+        """Before a decode graph replays for ``rows`` live rows: the training the lane owes this
+        step, and this step's β and slot in the graph's buffers (β = 0 everywhere when no row
+        explores, so the replay leaves every row as plain SGLang computes it)."""
+        if not self.graph_captured and (self.graph_rows is None or self.graph_rows.max_rows < rows):
+            self.graph_rows = GraphRows(rows, self.bank.d, self.device)  # eager graph form: sized on demand
+        step = self.current
+        if step is None or not step.mixing:
+            self.graph_rows.clear()
+            return
+        self.lane.begin_step()
+        self.graph_rows.load(step.beta_host, step.slot)
+
+    def after_replay(self, output, sampling_info):
+        """After the replay, before sampling: queue the step's rows for training, post-filter
+        (post mode: the graph left the logits unmixed), per-token info into customized_info."""
+        step = self.current
+        if step is None or not step.mixing:
+            return output
+        snap = self.graph_rows.rows(len(step.slot))
+        self.lane.submit(snap.x, snap.h, torch.tensor(step.slot, dtype=torch.int64))
+        if self.cfg.filter_mode == "post":
+            output.next_token_logits = self.post_filter(output.next_token_logits, snap.h_hat, sampling_info)
+        self.counters.steps += 1
+        self.counters.graph_steps += 1
+        attach_token_info(output, self._token_info(step, snap.h, snap.h_hat, snap.novelty))
+        return output
 
     def _token_info(self, step: StepRows, h: torch.Tensor, h_hat: torch.Tensor, novelty: torch.Tensor) -> list:
-        info = []
-        novelty_host = novelty.tolist()
+        # On GPU the novelty reaches the host by a copy that does not wait for the device; SGLang
+        # reads each entry (TokenInfo.copy) only after it has waited for the step's outputs.
+        novelty_host = novelty.to("cpu", non_blocking=True) if novelty.is_cuda else novelty.clone()
+        info: list[TokenInfo | None] = []
         for i, slot in enumerate(step.slot):
             if slot < 0:
                 info.append(None)
                 continue
-            entry = {"group": step.group[i], "beta": step.beta_host[i], "novelty": novelty_host[i]}
-            if step.debug[i]:
-                entry["h"], entry["h_hat"] = h[i].float().tolist(), h_hat[i].float().tolist()
-            info.append(entry)
+            debug = {"h": h[i].float().tolist(), "h_hat": h_hat[i].float().tolist()} if step.debug[i] else None
+            info.append(TokenInfo(step.group[i], step.beta_host[i], novelty_host[i], debug))
             self.counters.mixed_tokens += 1
         return info
 
@@ -274,12 +336,35 @@ class SchedulerState:
             "distiller_resets": int(self.bank.reset_count),
             "lane_lag": self.lane.lag,
             "mixed_tokens": self.counters.mixed_tokens,
+            "graph_steps": self.counters.graph_steps,
             "warmed_up_tokens": self.counters.warmed_up_tokens,
             "refused_no_slot": self.counters.refused_no_slot,
             "groups_created": self.counters.groups_created,
             "esamp_seconds": round(self.counters.esamp_seconds, 6),
             "forward_seconds": round(self.counters.forward_seconds, 6),
         }
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """One mixed token's entry in SGLang's per-token ``customized_info``. SGLang 0.5.23 copies
+    each entry with ``.copy()`` when it appends it to its request, after it has waited for the
+    step's outputs: that is where the host-side novelty is read, and a plain dict comes out."""
+
+    group: str | None
+    beta: float
+    novelty: torch.Tensor  # 0-d, on the host
+    debug: dict | None  # h and ĥ of the row, for esamp.debug
+
+    def copy(self) -> dict:
+        return {"group": self.group, "beta": self.beta, "novelty": float(self.novelty), **(self.debug or {})}
+
+
+def attach_token_info(output, token_info: list) -> None:
+    """Per-row entries under TOKEN_KEY in the LogitsProcessorOutput's customized_info."""
+    info = dict(output.customized_info or {})
+    info[TOKEN_KEY] = token_info
+    output.customized_info = info
 
 
 def samples_now(req, chunked_req) -> bool:

@@ -17,9 +17,14 @@ from tests.conftest import launch, start_server
 from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore, gen, lm_head_weight, post
 
 
-@pytest.fixture(scope="module", params=["tiny", "smollm2"])
+# "tiny-graph": the decode step in the form SGLang's CUDA graphs replay, run eagerly on CPU
+# (--esamp-decode-path graph), held to the same expectations as the eager form.
+DECODE_PATH_FLAGS = {"tiny": (), "tiny-graph": ("--esamp-decode-path", "graph"), "smollm2": ()}
+
+
+@pytest.fixture(scope="module", params=list(DECODE_PATH_FLAGS))
 def model(request, tiny_model_path, smollm2_path) -> tuple[str, Path]:
-    return request.param, tiny_model_path if request.param == "tiny" else smollm2_path
+    return request.param, smollm2_path if request.param == "smollm2" else tiny_model_path
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +41,8 @@ def server(model, plain_greedy):
     # lr 0.05: online learning visible within a few short requests (the learning test)
     # The reference recipe's mechanics (random init, pre-filter mix); a high lr so that
     # learning shows within a few tokens.
-    yield from launch(path, f"esamp-{name}", "--esamp-init", "random", "--esamp-filter-mode", "pre", "--esamp-lr", "0.05")
+    yield from launch(path, f"esamp-{name}", "--esamp-init", "random", "--esamp-filter-mode", "pre", "--esamp-lr", "0.05",
+                      *DECODE_PATH_FLAGS[name])
 
 
 def test_tokens_are_the_argmax_of_the_recomputed_mix(server, model, plain_greedy):
@@ -57,6 +63,13 @@ def test_meta_reports_every_token_mixed(server):
     assert meta["esamp"]["tokens_mixed"] == meta["completion_tokens"] > 0
     assert meta["esamp"]["group"] == "meta-1" and meta["esamp"]["beta"] == 0.5
     assert meta["esamp"]["mean_novelty"] > 0
+
+
+def test_decode_steps_take_the_configured_form(server, model):
+    before = esamp_stats(server)["graph_steps"]
+    gen(server, PROMPTS[1], max_new_tokens=4, ignore_eos=True, **explore(0.5))
+    # the first token comes from the prefill (always eager), the other 3 from decode steps
+    assert esamp_stats(server)["graph_steps"] - before == (3 if model[0] == "tiny-graph" else 0)
 
 
 def test_beta_zero_and_plain_requests_match_plain_sglang(server, plain_greedy):

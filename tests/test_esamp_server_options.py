@@ -15,11 +15,12 @@ from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore
 CHUNK = 64  # prefill chunk size: long prompts arrive in several forwards
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_path):
-    yield from launch(tiny_model_path, "esamp-tiny-options", "--esamp-init", "random", "--esamp-filter-mode", "post",
-                      "--esamp-source", "layer:1", "--esamp-lr", "0.05", "--esamp-warmup-steps", "2",
-                      "--esamp-beta-halflife", "8", "--chunked-prefill-size", str(CHUNK), "--enable-metrics")
+@pytest.fixture(scope="module", params=["auto", "graph"])  # graph: the CUDA-graph form of the decode step, eagerly
+def server(request, tiny_model_path):
+    yield from launch(tiny_model_path, f"esamp-tiny-options-{request.param}", "--esamp-init", "random",
+                      "--esamp-filter-mode", "post", "--esamp-source", "layer:1", "--esamp-lr", "0.05",
+                      "--esamp-warmup-steps", "2", "--esamp-beta-halflife", "8", "--chunked-prefill-size", str(CHUNK),
+                      "--enable-metrics", "--esamp-decode-path", request.param)
 
 
 def test_post_filter_mode_keeps_the_base_candidates(server, tiny_model_path):
