@@ -71,22 +71,25 @@ def candidate_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
 
 
 def post_filter_logits(logits: torch.Tensor, h_hat: torch.Tensor, lm_head: torch.Tensor, beta: torch.Tensor,
-                       keep: torch.Tensor) -> torch.Tensor:
+                       keep: torch.Tensor, beta_host: list[float]) -> torch.Tensor:
     """Post-filter ESamp: the base model picks the candidates, the contrast reweights only them.
 
-    For rows with β > 0: (1+β)·logits − β·(W·ĥ) on the candidates in ``keep``, −inf elsewhere;
-    the distiller's logits W·ĥ are computed for candidate tokens only (gathered rows of the LM
-    head ``lm_head`` [V, d]). Rows with β = 0 are returned unchanged. Eager only (the candidate
-    count is data-dependent); it runs beside the sampler, after the CUDA graph.
+    For rows with β > 0: (1+β)·logits − β·(W·ĥ) on the candidates in ``keep``, −inf elsewhere.
+    Rows with β = 0 are returned unchanged. ``beta_host`` is β on the host (which rows explore
+    is known without reading the device). It runs beside the sampler, after any CUDA graph. On
+    CUDA it never syncs with the host: W·ĥ is computed densely. Elsewhere, when few tokens are
+    candidates, W·ĥ is computed for the candidates only (gathered rows of the LM head
+    ``lm_head`` [V, d]), which needs their count on the host.
     """
-    rows = (beta > 0).nonzero().squeeze(-1)
-    if rows.numel() == 0:
+    rows_host = [i for i, b in enumerate(beta_host) if b > 0]
+    if not rows_host:
         return logits.clone()
-    every = rows.numel() == logits.shape[0]  # the common case: no row copies
+    every = len(rows_host) == logits.shape[0]  # the common case: no row copies
+    rows = torch.tensor(rows_host, device=logits.device)
     base = logits.float() if every else logits[rows].float()
     keep = keep if every else keep[rows]
     b = beta[rows].float().unsqueeze(-1)
-    k = int(keep.sum(-1, dtype=torch.int32).max())
+    k = base.shape[1] if logits.is_cuda else int(keep.sum(-1, dtype=torch.int32).max())
     if k * DENSE_CANDIDATE_SHARE > base.shape[1]:
         # Many candidates (e.g. no filter at all): one matmul beats gathering k LM-head rows per row.
         amateur = (h_hat[rows].to(lm_head.dtype) @ lm_head.T).float()  # [R, V]

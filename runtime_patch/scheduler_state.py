@@ -238,7 +238,8 @@ class SchedulerState:
         contrast (1+β)·Wh − β·Wĥ reweights only those (rows with β = 0 are unchanged)."""
         keep = candidate_mask(logits, sampling_info.top_ks, sampling_info.top_ps, sampling_info.min_ps,
                               sampling_info.temperatures.view(-1), rank_filters=uses_rank_filters(sampling_info))
-        return post_filter_logits(logits, h_hat, self._lm_head.weight, self.current.beta, keep)
+        step = self.current
+        return post_filter_logits(logits, h_hat, self._lm_head.weight, step.beta, keep, step.beta_host)
 
     # --- the decode step in graph form (esamp_sgl/graph_rows.py) ------------------------------
     # On GPU SGLang captures its decode forward, our logits hook included, into CUDA graphs: the
