@@ -9,13 +9,13 @@ from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 Init = Literal["random", "svd", "base"]
-MixVariant = Literal["plain", "orthogonal", "rescaled", "tempered"]
+MixVariant = Literal["plain", "orthogonal", "rescaled", "tempered", "learned"]
 FilterMode = Literal["pre", "post"]
 Optimizer = Literal["sgd", "adamw"]
 DecodePath = Literal["auto", "graph"]
 
 INITS: tuple[str, ...] = ("random", "svd", "base")
-MIX_VARIANTS: tuple[str, ...] = ("plain", "orthogonal", "rescaled", "tempered")
+MIX_VARIANTS: tuple[str, ...] = ("plain", "orthogonal", "rescaled", "tempered", "learned")
 FILTER_MODES: tuple[str, ...] = ("pre", "post")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 DECODE_PATHS: tuple[str, ...] = ("auto", "graph")

@@ -18,8 +18,8 @@ PARAM_NAMES = ("A", "G", "b", "B", "ln_w", "ln_b")
 Params = tuple[torch.Tensor, ...]  # in PARAM_NAMES order, each with a leading slot dimension
 
 
-def _distill(x: torch.Tensor, A: torch.Tensor, G: torch.Tensor, b: torch.Tensor, B: torch.Tensor,
-             ln_w: torch.Tensor, ln_b: torch.Tensor) -> torch.Tensor:
+def distill(x: torch.Tensor, A: torch.Tensor, G: torch.Tensor, b: torch.Tensor, B: torch.Tensor,
+            ln_w: torch.Tensor, ln_b: torch.Tensor) -> torch.Tensor:
     """The distiller on x [..., n, d] with weights A, G [..., d, r], b [..., 1, r] or [r], B [..., r, d]."""
     y = x + torch.matmul(torch.matmul(x, A) * F.silu(torch.matmul(x, G) + b), B)
     return F.layer_norm(y, (y.shape[-1],)) * ln_w + ln_b
@@ -32,7 +32,7 @@ def distiller_forward(params: Params, x: torch.Tensor, slot: torch.Tensor) -> to
     counts of one decode step; the Triton kernel avoids the gather on GPU.
     """
     A, G, b, B, ln_w, ln_b = (p.index_select(0, slot) for p in params)
-    return _distill(x.unsqueeze(1), A, G, b.unsqueeze(1), B, ln_w.unsqueeze(1), ln_b.unsqueeze(1)).squeeze(1)
+    return distill(x.unsqueeze(1), A, G, b.unsqueeze(1), B, ln_w.unsqueeze(1), ln_b.unsqueeze(1)).squeeze(1)
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def distiller_forward_grouped(params: Params, x: torch.Tensor, groups: RowGroups
     L, n = groups.index.shape
     rows = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, groups.index.flatten()).view(L, n, -1)
     A, G, b, B, ln_w, ln_b = params
-    return _distill(rows, A, G, b.unsqueeze(1), B, ln_w.unsqueeze(1), ln_b.unsqueeze(1))
+    return distill(rows, A, G, b.unsqueeze(1), B, ln_w.unsqueeze(1), ln_b.unsqueeze(1))
 
 
 def init_slot(d: int, cfg: ESampConfig, *, generator: torch.Generator | None = None,

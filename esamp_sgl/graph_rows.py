@@ -64,12 +64,14 @@ class GraphRows:
         """β = 0 on every row: the next step leaves every row as it is."""
         self.load([], [])
 
-    def step(self, params: Params, x: torch.Tensor, h: torch.Tensor, variant: MixVariant, mix: bool) -> torch.Tensor:
+    def step(self, params: Params, x: torch.Tensor, h: torch.Tensor, variant: MixVariant, mix: bool,
+             start: Params | None = None) -> torch.Tensor:
         """Inside the graph, for all n rows of the (padded) batch: ĥ, novelty and the snapshot;
         returns h with every row mixed (``mix``) or h unchanged (post-filter mode mixes the logits
-        after the graph, from the snapshot's ĥ). Graph-safe: fixed shapes, no host syncs."""
+        after the graph, from the snapshot's ĥ). ``start``: as in distill_and_mix. Graph-safe:
+        fixed shapes, no host syncs."""
         n = h.shape[0]
-        h_mix, h_hat, novelty = distill_and_mix(params, x, h, self.slot[:n], self.beta[:n], variant)
+        h_mix, h_hat, novelty = distill_and_mix(params, x, h, self.slot[:n], self.beta[:n], variant, start=start)
         self.x[:n].copy_(x)
         self.h[:n].copy_(h)
         self.h_hat[:n].copy_(h_hat)

@@ -22,6 +22,7 @@ def mix_hidden(h: torch.Tensor, h_hat: torch.Tensor, beta: torch.Tensor, variant
     rescaled:   the plain mix rescaled to ‖h‖
     tempered:   the plain mix divided by 1 + β, undoing the 1+β logit scale that an
                 uninformative ĥ would otherwise turn into a lower temperature
+    ("learned" is the plain mix of a transformed ĥ: see latent_step.distill_and_mix_torch.)
     Graph-safe: no host syncs, no data-dependent shapes.
     """
     hf, hat = h.to(torch.float32), h_hat.to(torch.float32)

@@ -145,8 +145,14 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
     extend — is replaced by h_mix. Post-filter mode: the base logits are computed unmixed and
     reweighted on the base's own top-k/top-p/min-p candidates (the sampler's filters then apply
     again to the reweighted candidates); a batch without any of those filters has every token as
-    a candidate, where post equals pre, so it takes the pre-filter path. Either way penalties, grammar masks, logit_bias and
-    temperature then apply to the mixed logits. Returned logprobs describe the mixed logits.
+    a candidate, where post equals pre, so it takes the pre-filter path. Either way penalties,
+    grammar masks, logit_bias and temperature then apply to the mixed logits. Returned logprobs
+    describe the mixed logits.
+
+    Decode in graph form (inside a decode-graph capture, or every decode step with
+    ``--esamp-decode-path graph``): ``graph_step`` on every row, bracketed by ``before_replay`` /
+    ``after_replay`` as around_decode_replay brackets a replay; post-filter mode reweights every
+    row's candidates then, filters or not.
     """
     if _state is None:
         return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)

@@ -226,7 +226,7 @@ class SchedulerState:
         slot = torch.tensor(step.slot, dtype=torch.int64)
         groups = RowGroups.of(slot, self.device)
         h_mix, h_hat, novelty = distill_and_mix(self.lane.forward_params, x, h, slot.to(self.device).clamp_min(0),
-                                                step.beta, self.cfg.mix, groups)
+                                                step.beta, self.cfg.mix, groups, start=self.bank.template)
         self.lane.submit(x, h, slot)
         out = hidden.clone()
         out.index_copy_(0, rows, h_mix)
@@ -264,7 +264,8 @@ class SchedulerState:
         """What the decode graph computes between the final norm and the LM head, for every row
         of the padded batch (each decode row samples): the final states to project."""
         x = self.shallow_state(input_ids, aux_hidden_states)
-        return self.graph_rows.step(self.lane.forward_params, x, hidden, self.cfg.mix, mix=self.cfg.filter_mode == "pre")
+        return self.graph_rows.step(self.lane.forward_params, x, hidden, self.cfg.mix, mix=self.cfg.filter_mode == "pre",
+                                    start=self.bank.template)
 
     def before_replay(self, rows: int) -> None:
         """Before a decode graph replays for ``rows`` live rows: the training the lane owes this

@@ -314,3 +314,22 @@ def test_lane_reset_lands_queued_jobs_before_fresh_weights():
 def test_beta_schedule_halves_per_halflife_and_zero_is_constant():
     assert scheduled_beta(1.0, 0, 8) == 1.0 and scheduled_beta(1.0, 16, 8) == 0.25
     assert scheduled_beta(0.7, 100, 0) == 0.7
+
+
+def test_learned_mix_steers_only_by_what_the_group_learned():
+    bank = DistillerBank(2, D, ESampConfig(init="random", rank=8, init_std=0.3, lr=0.5))
+    x, h = _data(4)
+    slot, beta = torch.tensor([0, 1, 0, 1]), torch.tensor([1.0, 2.0, 0.0, 1.0])
+    fresh_mix, fresh_hat, _ = distill_and_mix_torch(bank.params, x, h, slot, beta, "learned", start=bank.template)
+    torch.testing.assert_close(fresh_mix, h)  # a group that has learned nothing: plain sampling
+    bank.train_step(x, h, torch.tensor([0, 0, 0, 0]))  # slot 0 learns, slot 1 does not
+    mixed, h_hat, error = distill_and_mix_torch(bank.params, x, h, slot, beta, "learned", start=bank.template)
+    start_pred = distiller_forward(tuple(t.unsqueeze(0) for t in bank.template), x,
+                                   torch.zeros(4, dtype=torch.int64))
+    group_pred = distiller_forward(bank.params, x, slot)
+    torch.testing.assert_close(mixed[0], h[0] + 1.0 * (start_pred[0] - group_pred[0]))
+    torch.testing.assert_close(mixed[1], h[1])  # slot 1 never trained
+    assert torch.equal(mixed[2], h[2])  # β = 0
+    torch.testing.assert_close(error[0], novelty(h[:1], group_pred[:1])[0])  # novelty: the distiller's own error
+    with pytest.raises(ValueError, match="learned"):
+        distill_and_mix_torch(bank.params, x, h, slot, beta, "learned")

@@ -1,5 +1,5 @@
 """``esamp-sgl bench quality --quick`` end to end on the tiny model: real servers (an SVD-init
-recipe, a base-distiller recipe and one with a β schedule), saved points, resumption, the report and its plots."""
+recipe, a base-distiller recipe, one with a β schedule and one with the learned mix), saved points, resumption, the report and its plots."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ BENCH = [sys.executable, "-m", "esamp_sgl.cli", "bench", "quality"]
 def _bench(tiny_model_path: Path, results: Path, *stages: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = [*stages, "--quick", "--model", str(tiny_model_path), "--tasks", "products", "--recipes", "svd",
-            "--tune-recipes", "base-post-halflife16", "--finalists", "base", "--results-dir", str(results)]
+            "--tune-recipes", "base-post-halflife16", "--learned-recipes", "base-learned-lr5e-2", "--finalists", "base",
+            "--results-dir", str(results)]
     return subprocess.run(BENCH + args, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -38,6 +39,9 @@ def test_quick_benchmark_runs_every_stage_and_resumes(tiny_model_path: Path, tmp
     assert set(tune["points"]) == {"chain_sum/base-post-halflife16/plain-T0.8",
                                    "chain_sum/base-post-halflife16/base-post-halflife16-T0.8-b1-minp0.05",
                                    "chain_sum/base-post-halflife16/min_p-T0.8-minp0.05"}
+    learned = json.loads((results / "quality_learned_quick.json").read_text())
+    assert set(learned["points"]) == {"chain_sum/base-learned-lr5e-2/plain-T0.8",
+                                      "chain_sum/base-learned-lr5e-2/base-learned-lr5e-2-T0.8-b1"}
     frontier = json.loads((results / "quality_frontier_quick.json").read_text())
     assert {p["method"]["family"] for p in frontier["points"].values()} == {"plain", "fire", "base"}
     assert "bench quality" in frontier["run"]["command"]
@@ -51,6 +55,7 @@ def test_quick_benchmark_runs_every_stage_and_resumes(tiny_model_path: Path, tmp
 
     readme = (tmp_path / "README.md").read_text()
     assert "| ESamp point | vs plain |" in readme and "Vendi" in readme and "Screening" in readme and "Tuning" in readme
+    assert "The learned mix" in readme
     assert (results / "quality_frontier_products_quick.png").stat().st_size > 0
     assert (results / "quality_writing_quick.png").stat().st_size > 0
 

@@ -11,12 +11,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.quality import plans
-from benchmarks.quality.recipes import RECIPES, SCREEN_RECIPES, TUNE_RECIPES
+from benchmarks.quality.recipes import LEARNED_RECIPES, RECIPES, SCREEN_RECIPES, TUNE_RECIPES
 from benchmarks.quality.run import ResultsFile, run_points
 from benchmarks.quality.tasks import TASKS
 from benchmarks.results_io import RESULTS_DIR, run_metadata
 
-STAGES = ("screen", "tune", "frontier", "writing", "report")
+STAGES = ("screen", "tune", "learned", "frontier", "writing", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipes", default=",".join(SCREEN_RECIPES), help="recipes to screen")
     parser.add_argument("--tune-recipes", default=",".join(TUNE_RECIPES),
                         help="the default recipe, then its one-knob variants (stage tune)")
+    parser.add_argument("--learned-recipes", default=",".join(LEARNED_RECIPES),
+                        help=f"learned-mix recipes, each at β {plans.LEARNED_BETAS} (stage learned)")
     parser.add_argument("--finalists", default=",".join(plans.DEFAULT_FINALISTS), help="recipes on the frontier")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     return parser
@@ -48,16 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
     tasks = _names(args.tasks, TASKS, "task")
-    recipes = {"screen": _names(args.recipes, RECIPES, "recipe"), "tune": _names(args.tune_recipes, RECIPES, "recipe")}
+    recipes = {"screen": _names(args.recipes, RECIPES, "recipe"), "tune": _names(args.tune_recipes, RECIPES, "recipe"),
+               "learned": _names(args.learned_recipes, RECIPES, "recipe")}
     finalists = _names(args.finalists, RECIPES, "recipe")
     suffix = "_quick" if args.quick else ""
     log_dir = args.results_dir / "logs"
     for stage in args.stages or STAGES:
         path = args.results_dir / f"quality_{stage}{suffix}.json"
-        if stage in ("screen", "tune", "frontier"):
+        if stage in ("screen", "tune", "learned", "frontier"):
             size = plans.SIZES[(stage, args.quick)]
+            betas = plans.LEARNED_BETAS if stage == "learned" else (1.0,)
             points = (plans.frontier_points(tasks, finalists, args.quick) if stage == "frontier"
-                      else plans.screen_points(recipes[stage], args.quick, min_p_control=stage == "tune"))
+                      else plans.screen_points(recipes[stage], args.quick, min_p_control=stage == "tune", betas=betas))
             results = ResultsFile(path, {"model": args.model, **asdict(size)})
             results.set_run(run_metadata())
             run_points(points, results, model=args.model, size=size, log_dir=log_dir)

@@ -11,21 +11,24 @@ DEFAULT_FINALISTS = ("base-post",)
 PLAIN_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
 
 
-SIZES = {("screen", False): Size(8, 16), ("tune", False): Size(8, 16), ("frontier", False): Size(20, 16),
-         ("screen", True): Size(3, 4, 16), ("tune", True): Size(3, 4, 16), ("frontier", True): Size(3, 4, 16)}
+SIZES = {("screen", False): Size(8, 16), ("tune", False): Size(8, 16), ("learned", False): Size(8, 16),
+         ("frontier", False): Size(20, 16), ("screen", True): Size(3, 4, 16), ("tune", True): Size(3, 4, 16),
+         ("learned", True): Size(3, 4, 16), ("frontier", True): Size(3, 4, 16)}
+LEARNED_BETAS = (1.0, 2.0)
 
 
 def esamp_method(recipe: str, temperature: float, beta: float) -> Method:
     return Method(recipe, temperature, beta=beta, min_p=recipe_min_p(recipe), recipe=recipe)
 
 
-def screen_points(recipes: list[str], quick: bool, min_p_control: bool = False) -> list[Point]:
-    """Each recipe at β = 1 and T = 0.8 on a few problems, beside plain T = 0.8 (the "screen"
-    and "tune" stages: recipes against each other, then knobs of the default recipe). With
-    ``min_p_control``, also plain sampling with the first recipe's min-p: what the post-filter's
-    candidate cut alone does, without the contrast."""
+def screen_points(recipes: list[str], quick: bool, min_p_control: bool = False,
+                  betas: tuple[float, ...] = (1.0,)) -> list[Point]:
+    """Each recipe at each β (default 1) and T = 0.8 on a few problems, beside plain T = 0.8
+    (the "screen", "tune" and "learned" stages: recipes against each other, then knobs of the
+    default recipe, then the learned mix). With ``min_p_control``, also plain sampling with the
+    first recipe's min-p: what the post-filter's candidate cut alone does, without the contrast."""
     points = [Point(SCREEN_TASK, Method("plain", 0.8, recipe=recipes[0]))]
-    points += [Point(SCREEN_TASK, esamp_method(r, 0.8, 1.0)) for r in recipes]
+    points += [Point(SCREEN_TASK, esamp_method(r, 0.8, b)) for r in recipes for b in betas]
     points = points[:2] if quick else points
     if min_p_control and recipe_min_p(recipes[0]) > 0:
         points.append(Point(SCREEN_TASK, Method("min_p", 0.8, min_p=recipe_min_p(recipes[0]), recipe=recipes[0])))

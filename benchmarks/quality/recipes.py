@@ -34,10 +34,16 @@ RECIPES: dict[str, list[str]] = {
     "base-post-steps2": _flags(init="base", filter_mode="post", steps_per_decode="2"),
     "base-post-halflife16": _flags(init="base", filter_mode="post", beta_halflife="16"),
     "base-post-layer2": _flags(init="base", filter_mode="post", source="layer:2"),
+    # The learned mix, h + β·(ĥ₀ − ĥ): a group starts as plain sampling and is steered only by
+    # what it learned from its own samples; the lr sets how far a group moves within an answer.
+    "base-learned-lr2e-2": _flags(init="base", mix="learned", lr="2e-2"),
+    "base-learned-lr5e-2": _flags(init="base", mix="learned", lr="5e-2"),
+    "base-learned-lr2e-1": _flags(init="base", mix="learned", lr="2e-1"),
 }
 SCREEN_RECIPES = ("random", "svd", "base", "base-post", "base-orthogonal", "base-rescaled", "base-tempered",
                   "base-lr1e-2", "base-adamw", "base-layer2")
 TUNE_RECIPES = ("base-post", "base-post-warmup8", "base-post-steps2", "base-post-halflife16", "base-post-layer2")
+LEARNED_RECIPES = ("base-learned-lr2e-2", "base-learned-lr5e-2", "base-learned-lr2e-1")
 
 POST_FILTER_MIN_P = 0.05  # post-filter recipes: the base distribution's min-p picks the candidates
 

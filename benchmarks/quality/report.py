@@ -52,8 +52,10 @@ def _is_esamp(point: dict) -> bool:
 
 def screen_table(data: dict, title: str) -> list[str]:
     settings = data["settings"]
-    lines = [f"{title} ({settings['problems']} problems × {settings['n']} samples, chain_sum, T = 0.8, β = 1; "
-             "Δ vs plain T = 0.8, paired, 90% bootstrap intervals over problems):", "",
+    betas = sorted({p["method"]["beta"] for p in data["points"].values() if _is_esamp(p)})
+    beta_note = f"β = {betas[0]:g}" if len(betas) == 1 else "β as given"
+    lines = [f"{title} ({settings['problems']} problems × {settings['n']} samples, chain_sum, T = 0.8, "
+             f"{beta_note}; Δ vs plain T = 0.8, paired, 90% bootstrap intervals over problems):", "",
              "| recipe | pass@1 | pass@16 | distinct / n | tokens | rel. error | Δ pass@1 | Δ pass@16 | Δ distinct |",
              "|---|---|---|---|---|---|---|---|---|"]
     controls: list[str] = []
@@ -63,6 +65,8 @@ def screen_table(data: dict, title: str) -> list[str]:
         for point, m in points:
             method = point["method"]
             name = method["family"] if _is_esamp(point) else f"{method['family']} (β = 0)"
+            if _is_esamp(point) and len(betas) > 1:
+                name += f", β = {method['beta']:g}"
             row = [name if method["family"] != "min_p" else f"plain, min-p {method['min_p']:g} (β = 0)",
                    _fmt(m["pass@1"].mean()), _fmt(m["pass@16"].mean()), _fmt(m["distinct"].mean(), 2),
                    _fmt(m["tokens"].mean(), 1), _fmt(novelty(point))]
@@ -198,6 +202,8 @@ def write_report(results_dir: Path, suffix: str = "", readme: Path = README) -> 
     sections: list[str] = []
     for stage, render in (("screen", lambda d: screen_table(d, "Screening")),
                           ("tune", lambda d: screen_table(d, "Tuning the default recipe, one knob at a time")),
+                          ("learned", lambda d: screen_table(d, "The learned mix: steering only by what a group "
+                                                                "learned from its own samples")),
                           ("frontier", lambda d: frontier_tables(d, results_dir, suffix)),
                           ("writing", lambda d: writing_table(d, results_dir, suffix))):
         data = _load(results_dir / f"quality_{stage}{suffix}.json")
