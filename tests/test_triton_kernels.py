@@ -32,6 +32,7 @@ def test_fused_distill_mix_matches_torch(n, d, r, slots):
     beta = torch.rand(n, generator=gen) * 2
     beta[::3] = 0.0  # mixed β = 0 rows
     slot[::3] = -1  # …which need no slot
+    x, h, slot, beta = (t.to(DEVICE) for t in (x, h, slot, beta))
 
     out, h_hat, nov = distill_mix_triton(bank.params, x, h, slot, beta)
     ref_out, ref_hat, ref_nov = distill_and_mix_torch(bank.params, x, h, slot, beta)
@@ -49,6 +50,7 @@ def test_fused_kernel_keeps_half_precision_h():
     x = torch.randn(4, 32)
     slot = torch.tensor([0, 1, 0, 1])
     beta = torch.tensor([0.0, 0.5, 1.0, 0.0])
+    x, h, slot, beta = (t.to(DEVICE) for t in (x, h, slot, beta))
     out, _, _ = distill_mix_triton(bank.params, x, h, slot, beta)
     ref, _, _ = distill_and_mix_torch(bank.params, x, h, slot, beta)
     assert out.dtype == torch.float16
