@@ -246,10 +246,11 @@ class SchedulerState:
     # hook then records ``graph_step`` (begin_capture/end_capture bracket the capture), and every
     # replay is bracketed by ``before_replay`` / ``after_replay``. With ``--esamp-decode-path
     # graph`` the logits hook runs the same three eagerly on every decode step.
-    # Verified on CPU (tests/test_graph_path.py): the sequence's results — mixed tokens equal
-    # argmax W·h_mix, β = 0 rows equal plain, training, post-filter, meta — and that graph_step
-    # compiles as one graph without breaks (no host syncs). Only a GPU can verify the capture
-    # itself, replays against buffers written between them, and the side-stream lane's events.
+    # Verified on CPU (the server tests run with --esamp-decode-path graph; tests/test_graph_rows.py):
+    # the sequence's results — mixed tokens equal argmax W·h_mix, β = 0 rows equal plain, training,
+    # post-filter, meta — and that the step compiles as one graph without breaks (no host syncs).
+    # Only a GPU can verify the capture itself, replays against buffers written between them, and
+    # the side-stream lane's events (tests/test_gpu_paths.py, skipped without CUDA).
 
     def begin_capture(self, max_rows: int) -> None:
         """SGLang starts capturing (or warming up) a decode graph for batches of up to ``max_rows``."""
@@ -264,8 +265,8 @@ class SchedulerState:
         """What the decode graph computes between the final norm and the LM head, for every row
         of the padded batch (each decode row samples): the final states to project."""
         x = self.shallow_state(input_ids, aux_hidden_states)
-        return self.graph_rows.step(self.lane.forward_params, x, hidden, self.cfg.mix, mix=self.cfg.filter_mode == "pre",
-                                    start=self.bank.template)
+        return self.graph_rows.step(self.lane.forward_params, x, hidden, self.cfg.mix,
+                                    mix=self.cfg.filter_mode == "pre", start=self.bank.template)
 
     def before_replay(self, rows: int) -> None:
         """Before a decode graph replays for ``rows`` live rows: the training the lane owes this
