@@ -3,8 +3,15 @@
 A distiller that starts from random weights never fits within one answer (its relative error
 stays ≈ 0.5–0.9), so its mix mostly rescales logits. The base distiller is trained offline
 on (shallow, deep) state pairs from the model's own samples over BASE_PROMPTS, and every new
-group starts as a copy of it (``--esamp-init base``). It is built in the launching process
-with transformers, before the server starts, and loaded by each scheduler.
+group starts as a copy of it (``--esamp-init base``). ``esamp-sgl serve`` builds it before the
+server starts, with transformers, in a child process (``build_in_child``) that loads the model in
+the serving dtype and exits before SGLang starts: whatever memory the build took (a full-size
+model on the GPU, full-vocabulary logits) is returned, and the server's KV pool is sized as
+without ESamp. Each scheduler loads the result.
+
+It is cached under the project's cache (``esamp_sgl.models.cache_root``), keyed by the model's
+identity, never inside the model directory: SGLang loads every ``*.safetensors`` there as a
+weight shard, and a hub snapshot or a read-only mount is not ours to write.
 
 The states match the server's exactly: source "embed" is layer 0's input norm of the token
 embedding; "layer:N" the residual after decoder layer N (what SGLang's layer capture hands
@@ -13,7 +20,11 @@ over); the target is the final norm's output, which the LM head consumes.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +35,7 @@ from esamp_sgl.base_prompts import BASE_PROMPTS
 from esamp_sgl.config import ESampConfig
 from esamp_sgl.distiller import PARAM_NAMES, DistillerBank
 from esamp_sgl.mix import novelty
-from esamp_sgl.models import chat_text
+from esamp_sgl.models import cache_root, chat_text
 
 SAMPLES_PER_PROMPT = 2
 MAX_NEW_TOKENS = 64
@@ -43,10 +54,23 @@ class BaseStats:
 
 
 def base_path(model_path: str | Path, cfg: ESampConfig) -> Path:
-    """Where the base distiller for this model, source and rank lives (beside the model; for a
-    hub id, in the local snapshot SGLang loads)."""
+    """Where the base distiller for this model, source and rank is cached."""
     source = cfg.source.replace(":", "")
-    return local_model_dir(model_path) / f"esamp-base-{source}-r{cfg.rank}.safetensors"
+    return (cache_root() / "base-distillers" / model_identity(local_model_dir(model_path))
+            / f"esamp-base-{source}-r{cfg.rank}.safetensors")
+
+
+def model_identity(model_dir: Path) -> str:
+    """A key for one model: its resolved path, its config and its weight files (name, size,
+    modification time) — a changed checkpoint at the same path gets a new base distiller."""
+    digest = hashlib.sha256(str(model_dir.resolve()).encode())
+    config = model_dir / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for weights in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        stat = weights.stat()
+        digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return f"{model_dir.name}-{digest.hexdigest()[:16]}"
 
 
 def local_model_dir(model_path: str | Path) -> Path:
@@ -74,18 +98,43 @@ def base_stats(model_path: str | Path, cfg: ESampConfig) -> BaseStats | None:
     return BaseStats(**json.loads(meta.read_text())) if meta.is_file() else None
 
 
-def ensure_base(model_path: str | Path, cfg: ESampConfig, *, seed: int = 0) -> BaseStats:
-    """Build the base distiller unless it is cached; return its statistics."""
+def ensure_base(model_path: str | Path, cfg: ESampConfig, *, seed: int = 0, dtype: str = "float32") -> BaseStats:
+    """Build the base distiller unless it is cached; return its statistics. ``dtype``: the
+    dtype the model runs in while its states are collected (the server's)."""
     cached = base_stats(model_path, cfg)
     if cached is not None and base_path(model_path, cfg).is_file():
         return cached
-    states = collect_states(model_path, cfg, seed=seed)
+    states = collect_states(model_path, cfg, seed=seed, dtype=dtype)
     start = time.perf_counter()
     weights, error = train_base(states, cfg, seed=seed)
     stats = BaseStats(rows=len(states.x), held_out_relative_error=error, generation_seconds=states.seconds,
                       training_seconds=time.perf_counter() - start)
     _save(model_path, cfg, weights, stats)
     return stats
+
+
+def build_in_child(model_path: str | Path, cfg: ESampConfig, dtype: str) -> BaseStats:
+    """ensure_base in a child process (see the module doc), which must succeed."""
+    cached = base_stats(model_path, cfg)
+    if cached is not None and base_path(model_path, cfg).is_file():
+        return cached
+    subprocess.run([sys.executable, "-m", "esamp_sgl.base_distiller", str(model_path), cfg.to_env(), dtype],
+                   check=True)
+    stats = base_stats(model_path, cfg)
+    if stats is None:
+        raise RuntimeError(f"building the base distiller for {model_path} left no {base_path(model_path, cfg)}")
+    return stats
+
+
+def serving_dtype(model_path: Path, dtype_flag: str | None) -> str:
+    """The torch dtype name SGLang serves the model in, from its ``--dtype`` flag (``auto``:
+    the checkpoint's own dtype, with float32 served as bfloat16 on GPU, as SGLang does)."""
+    aliases = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    if dtype_flag not in (None, "auto"):
+        return aliases.get(dtype_flag, dtype_flag)
+    config = json.loads((model_path / "config.json").read_text()) if (model_path / "config.json").is_file() else {}
+    name = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    return "bfloat16" if name == "float32" and torch.cuda.is_available() else name
 
 
 @dataclass(frozen=True)
@@ -97,8 +146,9 @@ class States:
 
 
 @torch.no_grad()
-def collect_states(model_path: str | Path, cfg: ESampConfig, *, seed: int = 0) -> States:
-    """Every non-padding position of the model's own samples over BASE_PROMPTS."""
+def collect_states(model_path: str | Path, cfg: ESampConfig, *, seed: int = 0, dtype: str = "float32") -> States:
+    """Every non-padding position of the model's own samples over BASE_PROMPTS, with the model
+    in ``dtype``; the states are returned in float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
@@ -107,7 +157,7 @@ def collect_states(model_path: str | Path, cfg: ESampConfig, *, seed: int = 0) -
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = "cuda" if torch.cuda.is_available() else "cpu"  # before the server owns the GPU
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=getattr(torch, dtype)).to(device).eval()
     texts = [chat_text(tokenizer, p) for p in BASE_PROMPTS]
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     torch.manual_seed(seed)
@@ -173,7 +223,25 @@ def _save(model_path: str | Path, cfg: ESampConfig, weights: dict[str, torch.Ten
     from safetensors.torch import save_file
 
     path = base_path(model_path, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
+    meta = path.with_suffix(".json")
+    meta.with_suffix(".json.tmp").write_text(json.dumps(stats.__dict__, indent=1))
     tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps(stats.__dict__, indent=1))
+    meta.with_suffix(".json.tmp").replace(meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child process of build_in_child: MODEL_DIR CONFIG_JSON DTYPE."""
+    parser = argparse.ArgumentParser(prog="python -m esamp_sgl.base_distiller")
+    parser.add_argument("model_dir")
+    parser.add_argument("config_json")
+    parser.add_argument("dtype")
+    args = parser.parse_args(argv)
+    ensure_base(args.model_dir, ESampConfig(**json.loads(args.config_json)), dtype=args.dtype)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

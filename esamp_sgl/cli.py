@@ -24,7 +24,8 @@ def _cmd_models(args: argparse.Namespace, _: list[str]) -> int:
     elif args.action == "fetch":
         print(models.resolve(args.name))
     elif args.action == "tiny":
-        print(models.write_tiny_llama(Path(args.path), layers=args.layers, hidden=args.hidden, seed=args.seed))
+        print(models.write_tiny_model(Path(args.path), arch=args.arch, layers=args.layers, hidden=args.hidden,
+                                      vocab=args.vocab, seed=args.seed))
     return 0
 
 
@@ -74,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("list")
     fetch = msub.add_parser("fetch", help="fetch and convert a known model into the cache")
     fetch.add_argument("name", choices=sorted(models.known_models()))
-    tiny = msub.add_parser("tiny", help="write a tiny random Llama (for mechanics tests)")
+    tiny = msub.add_parser("tiny", help="write a tiny random model (for mechanics tests)")
     tiny.add_argument("path")
+    tiny.add_argument("--arch", choices=models.TINY_ARCHS, default="llama")
+    tiny.add_argument("--vocab", type=int, default=520)
     tiny.add_argument("--layers", type=int, default=4)
     tiny.add_argument("--hidden", type=int, default=128)
     tiny.add_argument("--seed", type=int, default=0)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from esamp_sgl.config import ESampConfig
+from esamp_sgl.transfer import to_device
 
 PARAM_NAMES = ("A", "G", "b", "B", "ln_w", "ln_b")
 Params = tuple[torch.Tensor, ...]  # in PARAM_NAMES order, each with a leading slot dimension
@@ -37,7 +38,8 @@ def distiller_forward(params: Params, x: torch.Tensor, slot: torch.Tensor) -> to
 
 @dataclass(frozen=True)
 class RowGroups:
-    """Rows of one batch grouped by slot, built on the host: [L, n] row indices padded with N."""
+    """Rows of one batch grouped by slot, built on the host (no device sync): [L, n] row indices
+    padded with N."""
 
     live: torch.Tensor  # [L] distinct slots ≥ 0, sorted
     index: torch.Tensor  # [L, n] row indices into x; padding points at row N (a zero row)
@@ -52,7 +54,8 @@ class RowGroups:
         index = torch.full((len(live), width), len(slot), dtype=torch.int64)
         for i, m in enumerate(members):
             index[i, : len(m)] = m
-        return cls(live.to(device), index.to(device), (index < len(slot)).to(device))
+        return cls(to_device(live, torch.int64, device), to_device(index, torch.int64, device),
+                   to_device(index < len(slot), torch.bool, device))
 
 
 def distiller_forward_grouped(params: Params, x: torch.Tensor, groups: RowGroups) -> torch.Tensor:

@@ -44,6 +44,9 @@ class GraphRows:
         self.novelty = torch.zeros(max_rows, dtype=torch.float32, device=device)
         self._live = 0  # rows [0, _live) hold a step's β; the rest are zero
         self._pin = device.type == "cuda"
+        # Post-filter: each captured graph's L(ĥ) output, keyed by the address of the logits
+        # buffer the graph was captured with (a replay returns a slice of that buffer).
+        self.amateur_by_logits: dict[int, torch.Tensor] = {}
 
     def load(self, beta: list[float], slot: list[int]) -> None:
         """Before a step: β and slot of the live rows (host lists, row i = batch row i); every
@@ -77,6 +80,10 @@ class GraphRows:
         self.h_hat[:n].copy_(h_hat)
         self.novelty[:n].copy_(novelty)
         return h_mix if mix else h
+
+    def captured_amateur(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The L(ĥ) the graph that produced ``logits`` computed beside them (None if unknown)."""
+        return self.amateur_by_logits.get(logits.data_ptr())
 
     def rows(self, n: int) -> Snapshot:
         """After a step: the first ``n`` (live) rows it wrote."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from esamp_sgl.distiller import DistillerBank
+from esamp_sgl.transfer import to_device
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Job:
     x: torch.Tensor
     h: torch.Tensor
     slot: torch.Tensor  # on the host (CPU): the bank groups rows by slot without a device sync
+    owners: list | None = None  # a tag per row (the scheduler's (request id, token ordinal))
     ready: object | None = None  # CUDA: event recorded after the inputs were copied
 
 
@@ -46,13 +48,26 @@ class DeferredLane:
         self._apply_through(self.step - 1 - self.staleness)
         return self.step
 
-    def submit(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor | list[int]) -> None:
+    def submit(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor | list[int],
+               owners: list | None = None) -> None:
         """Queue this step's rows for training. Copies now: the caller's buffers get reused.
-        ``slot`` is the host-side per-row slot list of this step."""
+        ``slot`` is the host-side per-row slot list of this step; ``owners`` optional per-row
+        tags that ``drop_rows`` can match."""
         if self.step < 0:
             raise RuntimeError("submit() before begin_step()")
         slot_host = torch.tensor(slot, dtype=torch.int64) if isinstance(slot, list) else slot.detach().cpu().clone()
-        self._queue.append(Job(self.step, x.detach().clone(), h.detach().clone(), slot_host))
+        self._queue.append(Job(self.step, x.detach().clone(), h.detach().clone(), slot_host, owners))
+
+    def drop_rows(self, unwanted) -> int:
+        """Take rows whose owner tag satisfies ``unwanted(tag)`` out of the jobs not yet started
+        (their slot becomes −1); returns how many. A job already started keeps its rows."""
+        dropped = 0
+        for job in self._queue:
+            for i, tag in enumerate(job.owners or ()):
+                if tag is not None and job.slot[i] >= 0 and unwanted(tag):
+                    job.slot[i] = -1
+                    dropped += 1
+        return dropped
 
     def flush(self) -> None:
         """Apply every queued job (e.g. when no decode step will follow)."""
@@ -87,11 +102,17 @@ class DeferredLane:
 
 
 class CudaStreamLane(DeferredLane):
-    """Same contract as DeferredLane; training runs on a side CUDA stream (see module doc)."""
+    """Same contract as DeferredLane; training runs on a side CUDA stream (see module doc).
+
+    "Main" is the stream current at the moment of each call: the one SGLang runs the forward on
+    (model_runner.forward_stream under the overlap scheduler, the scheduler's schedule stream
+    without it), never a stream remembered when the lane was built. The side stream reads job
+    tensors made on main: each is marked with ``record_stream`` so that the caching allocator
+    does not hand its memory to main's next forward while the side stream still reads it.
+    """
 
     def __init__(self, bank: DistillerBank, staleness: int) -> None:
         super().__init__(bank, staleness)
-        self.main = torch.cuda.current_stream(bank.device)
         self.side = torch.cuda.Stream(bank.device)
         # Published: what the forward reads, at fixed addresses. The bank trains a master copy.
         self.published = tuple(p.clone() for p in bank.params)
@@ -102,38 +123,44 @@ class CudaStreamLane(DeferredLane):
     def forward_params(self) -> tuple[torch.Tensor, ...]:
         return self.published
 
+    def _main(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(self.bank.device)
+
     def begin_step(self) -> int:
         self.step += 1
         self._publish(self.step - 1 - self.staleness)
         published = torch.cuda.Event()
-        published.record(self.main)
+        published.record(self._main())
         self._published_events[self.step] = published
         self._launch_ready()
         oldest_gate = self._queue[0].step + self.staleness if self._queue else self.step
         self._published_events = {k: e for k, e in self._published_events.items() if k >= oldest_gate}
         return self.step
 
-    def submit(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor | list[int]) -> None:
-        super().submit(x, h, slot)  # copies on the main stream, ordered before the next replay
+    def submit(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor | list[int],
+               owners: list | None = None) -> None:
+        super().submit(x, h, slot, owners)  # copies on main, ordered before main's next forward
         self._queue[-1].ready = torch.cuda.Event()
-        self._queue[-1].ready.record(self.main)
+        self._queue[-1].ready.record(self._main())
         self._launch_ready()
 
     def flush(self) -> None:
-        """Train every queued job now and publish everything trained."""
+        """Train every queued job now and publish everything trained; main then waits for the
+        side stream as a whole, so no later write on main can race a job still running."""
         while self._queue:
             self._launch(self._queue.popleft(), gate=None)
+        self._main().wait_stream(self.side)
         for step in sorted(self._trained):
             self._publish(step)
 
     def reset_slots(self, slots: torch.Tensor) -> None:
-        super().reset_slots(slots)
+        super().reset_slots(slots)  # flush(): main is behind every side-stream job
         for pub, master in zip(self.published, self.bank.params):
             pub[slots] = master[slots]
 
     def warm_up(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor) -> None:
-        super().warm_up(x, h, slot)  # flush() waited for the side stream; this trains on main
-        live = torch.unique(slot[slot >= 0]).to(self.bank.device)
+        super().warm_up(x, h, slot)  # flush() ordered main after the side stream; this trains on main
+        live = to_device(torch.unique(slot[slot >= 0]), torch.int64, self.bank.device)
         for pub, master in zip(self.published, self.bank.params):
             pub[live] = master[live]
 
@@ -141,7 +168,9 @@ class CudaStreamLane(DeferredLane):
         if step not in self._trained:
             return
         done, slots = self._trained.pop(step)
-        self.main.wait_event(done)
+        main = self._main()
+        main.wait_event(done)
+        slots.record_stream(main)  # made on the side stream, read here
         for pub, master in zip(self.published, self.bank.params):
             pub[slots] = master[slots]
 
@@ -151,12 +180,14 @@ class CudaStreamLane(DeferredLane):
             self._launch(job, self._published_events[job.step + self.staleness])
 
     def _launch(self, job: Job, gate: torch.cuda.Event | None) -> None:
+        job.x.record_stream(self.side)
+        job.h.record_stream(self.side)
         with torch.cuda.stream(self.side):
             self.side.wait_event(job.ready)
             if gate is not None:
                 self.side.wait_event(gate)
             self.bank.train_step(job.x, job.h, job.slot)
+            live = to_device(torch.unique(job.slot[job.slot >= 0]), torch.int64, self.bank.device)
             done = torch.cuda.Event()
             done.record(self.side)
-        live = torch.unique(job.slot[job.slot >= 0]).to(self.bank.device, non_blocking=True)
         self._trained[job.step] = (done, live)

@@ -53,7 +53,8 @@ class LaunchedServer:
             raise
 
     def log_tail(self, chars: int = 6000) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-chars:]
 
     def stop(self) -> None:

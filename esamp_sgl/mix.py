@@ -9,10 +9,6 @@ import torch
 
 from esamp_sgl.config import MixVariant
 
-# Above 1/8 of the vocabulary as candidates, the dense W·ĥ is cheaper than per-row gathers.
-DENSE_CANDIDATE_SHARE = 8
-
-
 def mix_hidden(h: torch.Tensor, h_hat: torch.Tensor, beta: torch.Tensor, variant: MixVariant = "plain") -> torch.Tensor:
     """h_mix per row; W·h_mix equals the contrastive logits (1+β)·W·h − β·W·ĥ for 'plain'.
 
@@ -71,37 +67,17 @@ def candidate_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
     return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
 
 
-def post_filter_logits(logits: torch.Tensor, h_hat: torch.Tensor, lm_head: torch.Tensor, beta: torch.Tensor,
-                       keep: torch.Tensor, beta_host: list[float]) -> torch.Tensor:
+def post_filter_logits(logits: torch.Tensor, amateur: torch.Tensor, beta: torch.Tensor,
+                       keep: torch.Tensor) -> torch.Tensor:
     """Post-filter ESamp: the base model picks the candidates, the contrast reweights only them.
 
-    For rows with β > 0: (1+β)·logits − β·(W·ĥ) on the candidates in ``keep``, −inf elsewhere.
-    Rows with β = 0 are returned unchanged. ``beta_host`` is β on the host (which rows explore
-    is known without reading the device). It runs beside the sampler, after any CUDA graph. On
-    CUDA it never syncs with the host: W·ĥ is computed densely. Elsewhere, when few tokens are
-    candidates, W·ĥ is computed for the candidates only (gathered rows of the LM head
-    ``lm_head`` [V, d]), which needs their count on the host.
+    ``logits`` [N, V] are the base logits L(h), ``amateur`` [N, V] the logits L(ĥ) of the same
+    LM head with the same head transform (vocabulary cut, logit scale, softcapping), ``beta``
+    [N] on the logits' device. Rows with β > 0: (1+β)·L(h) − β·L(ĥ) on the candidates in
+    ``keep``, −inf elsewhere; rows with β = 0 are returned unchanged. Dense and on the device:
+    no host sync, no data-dependent shapes.
     """
-    rows_host = [i for i, b in enumerate(beta_host) if b > 0]
-    if not rows_host:
-        return logits.clone()
-    every = len(rows_host) == logits.shape[0]  # the common case: no row copies
-    rows = torch.tensor(rows_host, device=logits.device)
-    base = logits.float() if every else logits[rows].float()
-    keep = keep if every else keep[rows]
-    b = beta[rows].float().unsqueeze(-1)
-    k = base.shape[1] if logits.is_cuda else int(keep.sum(-1, dtype=torch.int32).max())
-    if k * DENSE_CANDIDATE_SHARE > base.shape[1]:
-        # Many candidates (e.g. no filter at all): one matmul beats gathering k LM-head rows per row.
-        amateur = (h_hat[rows].to(lm_head.dtype) @ lm_head.T).float()  # [R, V]
-        mixed_rows = torch.where(keep, (1 + b) * base - b * amateur, float("-inf"))
-    else:
-        cand = torch.where(keep, base, float("-inf")).topk(k, dim=-1).indices  # [R, k]
-        amateur = torch.einsum("rkd,rd->rk", lm_head[cand].float(), h_hat[rows].float())
-        mixed = torch.where(keep.gather(1, cand), (1 + b) * base.gather(1, cand) - b * amateur, float("-inf"))
-        mixed_rows = torch.full_like(base, float("-inf")).scatter(1, cand, mixed)
-    if every:
-        return mixed_rows.to(logits.dtype)
-    out = logits.clone()
-    out[rows] = mixed_rows.to(out.dtype)
-    return out
+    b = beta.to(logits.device, torch.float32).unsqueeze(-1)
+    base = logits.float()
+    mixed = torch.where(keep, (1 + b) * base - b * amateur.float(), float("-inf"))
+    return torch.where(b > 0, mixed, base).to(logits.dtype)

@@ -136,11 +136,25 @@ def _verify(path: Path) -> None:
         raise ModelError(f"converted model failed its sanity check: 7 + 5 -> {text!r}")
 
 
-def write_tiny_llama(path: Path, *, layers: int = 4, hidden: int = 128, vocab: int = 512, seed: int = 0) -> Path:
-    """Write a tiny random Llama with its own byte-level BPE tokenizer (no download needed)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+TINY_ARCHS = ("llama", "gemma2")
 
+
+def write_tiny_model(path: Path, *, arch: str = "llama", layers: int = 4, hidden: int = 128, vocab: int = 520,
+                     seed: int = 0, final_logit_softcapping: float = 0.25) -> Path:
+    """Write a tiny random model with its own byte-level BPE tokenizer (no download needed).
+
+    The vocabulary (516 tokens for the default ``vocab`` 520: the BPE trainer runs out of merges
+    in its small corpus) is not a multiple of 64, as real ones often are not (per
+    tensor-parallel rank even less): SGLang pads the LM head's rows, and ESamp must cut what it
+    computes from them as SGLang does. ``gemma2``: tied embeddings, √d-scaled embeddings,
+    (1 + w) norms and final-logit softcapping c·tanh(W·h / c) — a head transform between W·h and
+    the logits, with c (``final_logit_softcapping``) small enough to bend a random model's logits.
+    """
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if arch not in TINY_ARCHS:
+        raise ModelError(f"tiny --arch {arch!r}: one of {', '.join(TINY_ARCHS)}")
     path = Path(path)
     if _is_complete(path):
         return path
@@ -149,17 +163,23 @@ def write_tiny_llama(path: Path, *, layers: int = 4, hidden: int = 128, vocab: i
         staging = Path(work) / "checkpoint"
         tokenizer = _tiny_tokenizer(vocab)
         torch.manual_seed(seed)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
-            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-            torch_dtype="float32",
-        )
-        model = LlamaForCausalLM(config)
+        common = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
+        if arch == "gemma2":
+            config = Gemma2Config(**common, head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4,
+                                  final_logit_softcapping=final_logit_softcapping, attn_logit_softcapping=None,
+                                  sliding_window=4096, tie_word_embeddings=True,
+                                  # SGLang 0.5.23's Gemma2 reads the older name of hidden_activation
+                                  hidden_act="gelu_pytorch_tanh")
+            model = Gemma2ForCausalLM(config)
+        else:
+            model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        return _publish(staging, path, {"name": "tiny-llama", "layers": layers, "hidden": hidden, "seed": seed})
+        return _publish(staging, path, {"name": f"tiny-{arch}", "layers": layers, "hidden": hidden,
+                                        "vocab": len(tokenizer), "seed": seed})
 
 
 def _tiny_tokenizer(vocab: int):

@@ -128,18 +128,19 @@ def build_launch(model: str | None, args: Sequence[str], *, cpu: bool | None = N
 
 def prepare(launch: ServerLaunch) -> None:
     """What must exist before the server starts: with ``--esamp-init base``, the model's base
-    distiller (pre-trained on first use, then cached beside the model)."""
+    distiller (pre-trained on first use in a child process that exits before the server
+    starts, in the serving dtype; then cached)."""
     if launch.esamp is None or launch.esamp.init != "base":
         return
-    from esamp_sgl.base_distiller import base_path, ensure_base, local_model_dir
+    from esamp_sgl.base_distiller import base_path, build_in_child, local_model_dir, serving_dtype
 
     model_path = local_model_dir(_value(launch.command, "--model-path"))
-    cached = base_path(model_path, launch.esamp).is_file()
-    if not cached:
-        print(f"esamp-sgl: pre-training the base distiller for {model_path} (once; cached beside the model)",
+    path = base_path(model_path, launch.esamp)
+    if not path.is_file():
+        print(f"esamp-sgl: pre-training the base distiller for {model_path} (once; cached at {path.parent})",
               file=sys.stderr, flush=True)
-    stats = ensure_base(model_path, launch.esamp)
-    print(f"esamp-sgl: base distiller {base_path(model_path, launch.esamp).name}: held-out relative error "
+    stats = build_in_child(model_path, launch.esamp, serving_dtype(model_path, _value(launch.command, "--dtype")))
+    print(f"esamp-sgl: base distiller {path.name}: held-out relative error "
           f"{stats.held_out_relative_error:.3f} on {stats.rows} rows", file=sys.stderr, flush=True)
 
 

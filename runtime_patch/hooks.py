@@ -15,7 +15,9 @@ import torch
 
 from esamp_sgl import params as esamp_params
 from esamp_sgl.config import ESampConfig
-from runtime_patch.scheduler_state import TOKEN_KEY, SchedulerState, attach_token_info, filters_candidates
+from esamp_sgl.transfer import to_device
+from runtime_patch.scheduler_state import (TOKEN_KEY, SchedulerState, attach_seeds, attach_token_info,
+                                           filters_candidates)
 
 _cfg: ESampConfig | None = None
 _state: SchedulerState | None = None
@@ -102,15 +104,22 @@ def around_decode_replay(original: Any, graph_runner: Any, forward_batch: Any, *
     buffers, replay, then (eagerly, before the sampler) train, post-filter and report.
 
     Assumes ``execute`` replays the whole model forward, logits processor included, and returns
-    the LogitsProcessorOutput sliced to the live rows, in ``batch.reqs`` order.
+    the LogitsProcessorOutput sliced to the live rows (its logits a slice of the captured
+    buffer), in ``batch.reqs`` order.
     """
     if _state is None or not _state.graph_captured:
         return original(graph_runner, forward_batch, *args, **kwargs)
-    with _state.timed():
+    with _state.timed(), _state.contained("before_replay"):
         _state.before_replay(forward_batch.batch_size)
+    if _state.current is None:
+        _state.graph_rows.clear()  # a failed load must not leave an earlier step's β in the buffers
     output = original(graph_runner, forward_batch, *args, **kwargs)
-    with _state.timed():
-        return _state.after_replay(output, forward_batch.sampling_info)
+    result = output
+    with _state.timed(), _state.contained("after_replay"):
+        amateur = _state.graph_rows.captured_amateur(output.next_token_logits)
+        result = _state.after_replay(output, forward_batch.sampling_info, amateur,
+                                     lambda h_hat: second_pass_amateur(h_hat, forward_batch))
+    return result
 
 
 def around_forward_batch(original: Any, worker: Any, batch: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -118,18 +127,22 @@ def around_forward_batch(original: Any, worker: Any, batch: Any = None, *args: A
 
     Makes ``batch.reqs`` (row order of the forward) visible to the logits hook for this call;
     assumes ``batch`` is the ScheduleBatch, whose ``chunked_req`` is a request this forward
-    computes only a non-final prefill chunk of.
+    computes only a non-final prefill chunk of, and whose ``sampling_info`` is the object the
+    sampler receives (also when SGLang samples later, after this call returned: grammar
+    batches under the overlap scheduler) — the rows' seeds travel on it.
     """
     if _state is None or batch is None:
         return original(worker, batch, *args, **kwargs)
     start = time.perf_counter()
-    with _state.timed():
+    with _state.timed(), _state.contained("begin_batch"):
         _state.begin_batch(batch.reqs, getattr(batch, "chunked_req", None))
+    attach_seeds(getattr(batch, "sampling_info", None), _state.current)
     try:
         return original(worker, batch, *args, **kwargs)
     finally:
-        with _state.timed():
+        with _state.timed(), _state.contained("end_batch"):
             _state.end_batch()
+        _state.current = None
         _state.counters.forward_seconds += time.perf_counter() - start
 
 
@@ -142,57 +155,137 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
     ``logits_metadata`` the ForwardBatch. In extend, groups first warm up on the prompt states
     (``--esamp-warmup-steps``). Pre-filter mode: the
     sampled row of each request — every row in decode, the last token of each request in
-    extend — is replaced by h_mix. Post-filter mode: the base logits are computed unmixed and
-    reweighted on the base's own top-k/top-p/min-p candidates (the sampler's filters then apply
-    again to the reweighted candidates); a batch without any of those filters has every token as
-    a candidate, where post equals pre, so it takes the pre-filter path. Either way penalties,
+    extend — is replaced by h_mix. Post-filter mode: the base logits are computed unmixed, the
+    LM head projects the rows' ĥ in the same pass (lm_head_with_amateur), and the base's own
+    top-k/top-p/min-p candidates are reweighted (the sampler's filters then apply again to the
+    reweighted candidates); a batch without any of those filters has every token as a
+    candidate, where post equals pre, so it takes the pre-filter path. Either way penalties,
     grammar masks, logit_bias and temperature then apply to the mixed logits. Returned logprobs
     describe the mixed logits.
 
     Decode in graph form (inside a decode-graph capture, or every decode step with
-    ``--esamp-decode-path graph``): ``graph_step`` on every row, bracketed by ``before_replay`` /
-    ``after_replay`` as around_decode_replay brackets a replay; post-filter mode reweights every
-    row's candidates then, filters or not.
+    ``--esamp-decode-path graph`` that fits the captured buffers): ``graph_step`` on every row,
+    bracketed by ``before_replay`` / ``after_replay`` as around_decode_replay brackets a replay;
+    post-filter mode reweights every row's candidates then, filters or not.
+
+    An error in ESamp's part is contained (SchedulerState.contained): the step runs plain.
     """
-    if _state is None:
+    def plain() -> Any:
         return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
+
+    if _state is None:
+        return plain()
     mode = logits_metadata.forward_mode
     aux_hidden_states = args[0] if args else kwargs.get("aux_hidden_states")
     if _state.capturing:  # recorded into a decode CUDA graph; replays run around_decode_replay
+        _state.head = (processor, lm_head)
         mixed = _state.graph_step(input_ids, hidden_states, aux_hidden_states)
-        return original(processor, input_ids, mixed, lm_head, logits_metadata, *args, **kwargs)
-    if _state.current is None:
-        return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
-    if mode.is_decode() and _cfg.decode_path == "graph":  # the replayed sequence, run eagerly
-        with _state.timed():
-            _state.before_replay(hidden_states.shape[0])
-            mixed = _state.graph_step(input_ids, hidden_states, aux_hidden_states)
         output = original(processor, input_ids, mixed, lm_head, logits_metadata, *args, **kwargs)
-        with _state.timed():
-            return _state.after_replay(output, logits_metadata.sampling_info)
+        _state.captured_output(output)
+        return output
+    if _state.current is None:
+        return plain()
+    if mode.is_decode() and _cfg.decode_path == "graph" and _state.graph_fits(hidden_states.shape[0]):
+        return graph_form_step(original, processor, input_ids, hidden_states, lm_head, logits_metadata,
+                               aux_hidden_states, *args, **kwargs)
     if _state.current.warming and mode.is_extend() and logits_metadata.extend_seq_lens_cpu is not None:
-        with _state.timed():
+        with _state.timed(), _state.contained("warm_up"):
             _state.warm_up(input_ids, hidden_states, aux_hidden_states, logits_metadata.extend_seq_lens_cpu)
-    if not _state.current.mixing:
-        return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
+    if _state.current is None or not _state.current.mixing:
+        return plain()
     if mode.is_decode():
         rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
     elif mode.is_extend() and logits_metadata.extend_seq_lens_cpu is not None:
         ends = torch.tensor(logits_metadata.extend_seq_lens_cpu).cumsum(0) - 1
-        rows = ends.to(hidden_states.device)
+        rows = to_device(ends, torch.int64, hidden_states.device)
     else:
-        return original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
-    with _state.timed():
+        return plain()
+    mixed = None
+    with _state.timed(), _state.contained("mix"):
         mixed, h_hat, token_info = _state.mix(input_ids, hidden_states, aux_hidden_states, rows)
+    if mixed is None:
+        return plain()
     if _cfg.filter_mode == "pre" or not filters_candidates(logits_metadata.sampling_info):
         output = original(processor, input_ids, mixed, lm_head, logits_metadata, *args, **kwargs)
     else:
-        output = original(processor, input_ids, hidden_states, lm_head, logits_metadata, *args, **kwargs)
-        with _state.timed():
-            output.next_token_logits = _state.post_filter(output.next_token_logits, h_hat,
+        if projects_only_sampled_rows(logits_metadata):  # then h and ĥ share one LM-head pass
+            _state.arm_amateur(h_hat)
+        output = plain()
+        amateur = _state.take_amateur()
+        with _state.timed(), _state.contained("post_filter"):
+            if amateur is None:
+                _state.counters.amateur_second_pass += 1
+                amateur = second_pass_amateur(h_hat, logits_metadata, processor, lm_head)
+            output.next_token_logits = _state.post_filter(output.next_token_logits, amateur,
                                                           logits_metadata.sampling_info)
+        if _state.current is None:
+            return output  # contained: the base logits, unmixed
     attach_token_info(output, token_info)
     return output
+
+
+def graph_form_step(original: Any, processor: Any, input_ids: torch.Tensor, hidden_states: torch.Tensor,
+                    lm_head: Any, logits_metadata: Any, aux_hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+    """An eager decode step in the form a replayed decode graph takes (``--esamp-decode-path graph``)."""
+    mixed = hidden_states
+    with _state.timed(), _state.contained("graph_step"):
+        _state.before_replay(hidden_states.shape[0])
+        mixed = _state.graph_step(input_ids, hidden_states, aux_hidden_states)
+    if _state.current is None:
+        mixed = hidden_states
+    output = original(processor, input_ids, mixed, lm_head, logits_metadata, *args, **kwargs)
+    amateur = _state.take_amateur()
+    result = output
+    with _state.timed(), _state.contained("after_replay"):
+        result = _state.after_replay(output, logits_metadata.sampling_info, amateur,
+                                     lambda h_hat: second_pass_amateur(h_hat, logits_metadata, processor, lm_head))
+    return result
+
+
+def lm_head_with_amateur(original: Any, processor: Any, hidden_states: torch.Tensor, lm_head: Any,
+                         logits_metadata: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """AROUND LogitsProcessor._get_logits (SGLang 0.5.23): where the post-filter armed ĥ for
+    this call, the LM head projects [h; ĥ] in one pass over its weights — decode is
+    memory-bound, so the extra rows cost almost nothing — through SGLang's own head transform:
+    the padded vocabulary cut to ``vocab_size``, ``logit_scale``, final-logit softcapping and
+    the tensor-parallel all-gather all apply to L(ĥ) exactly as to L(h).
+
+    Assumes ``_get_logits`` maps rows to rows (true without DP attention, which ESamp refuses)
+    and falls back to SGLang's fresh output tensors when the row count differs from its
+    preallocated logits buffer (``_compute_lm_head`` / ``_copy_logits_to_buffer`` check shapes).
+    """
+    h_hat = _state.lm_head_rows(hidden_states.shape[0]) if _state is not None else None
+    if h_hat is None:
+        return original(processor, hidden_states, lm_head, logits_metadata, *args, **kwargs)
+    n = hidden_states.shape[0]
+    both = original(processor, torch.cat([hidden_states, h_hat.to(hidden_states.dtype)]), lm_head, logits_metadata,
+                    *args, **kwargs)
+    _state.keep_amateur(both[n:])
+    return both[:n]
+
+
+def projects_only_sampled_rows(forward_batch: Any) -> bool:
+    """Whether the LM head projects just the sampled rows in this forward — decode, or extend
+    without input logprobs — decided as LogitsMetadata.from_forward_batch does (SGLang 0.5.23)."""
+    if not forward_batch.forward_mode.is_extend() or not forward_batch.return_logprob:
+        return True
+    return all(n <= start for n, start in zip(forward_batch.extend_seq_lens_cpu,
+                                               forward_batch.extend_logprob_start_lens_cpu))
+
+
+def second_pass_amateur(h_hat: torch.Tensor, logits_metadata: Any, processor: Any = None, lm_head: Any = None
+                        ) -> torch.Tensor:
+    """L(ĥ) through SGLang's own LM-head path in a call of its own — a second pass over the
+    head's weights, for the cases the one-pass form cannot serve (extend with input logprobs;
+    a replayed graph whose L(ĥ) buffer is unknown). ``logits_metadata`` may be the ForwardBatch."""
+    from sglang.srt.layers.logits_processor import LogitsMetadata
+
+    if processor is None:
+        processor, lm_head = _state.head
+    if not isinstance(logits_metadata, LogitsMetadata):
+        logits_metadata = LogitsMetadata.from_forward_batch(logits_metadata)
+    dtype = lm_head.weight.dtype if hasattr(lm_head, "weight") else h_hat.dtype
+    return processor._get_logits(h_hat.to(dtype), lm_head, logits_metadata, use_logits_buffer=False)
 
 
 def seeded_resample(original: Any, sampler: Any, probs: torch.Tensor, sampling_info: Any, positions: torch.Tensor,
@@ -205,16 +298,22 @@ def seeded_resample(original: Any, sampler: Any, probs: torch.Tensor, sampling_i
     (token ids, sampling-mask capture).
     """
     ids, capture = original(sampler, probs, sampling_info, positions, *args, **kwargs)
-    if _state is not None and _state.current is not None:
-        with _state.timed():
+    if _state is not None:
+        with _state.timed(), _state.contained("resample_seeded"):
             _state.resample_seeded(ids, probs, sampling_info, positions)
     return ids, capture
 
 
 def release_request(result: None, req: Any, *args: Any, **kwargs: Any) -> None:
-    """AFTER mem_cache.common.release_kv_cache (SGLang 0.5.23): finished or aborted requests."""
-    if _state is not None:
-        _state.release(req.rid)
+    """AFTER mem_cache.common.release_kv_cache (SGLang 0.5.23): finished or aborted requests.
+
+    SGLang also frees a request's KV cache when it retracts the request under memory pressure;
+    such a request is not finished (``req.finished()``) and comes back to the waiting queue, so
+    ESamp keeps its state (its group pin and its β schedule) for when it resumes.
+    """
+    if _state is not None and req.finished():
+        with _state.contained("release"):
+            _state.release(req.rid, len(req.output_ids))
 
 
 def report_state(result: Any, *args: Any, **kwargs: Any) -> None:

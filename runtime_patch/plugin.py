@@ -27,6 +27,7 @@ SCHEDULER_HOOKS = (
     ("sglang.srt.managers.tp_worker.TpModelWorker.__init__", hooks.attach_to_worker, "AFTER"),
     ("sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation", hooks.around_forward_batch, "AROUND"),
     ("sglang.srt.layers.logits_processor.LogitsProcessor.forward", hooks.mix_before_lm_head, "AROUND"),
+    ("sglang.srt.layers.logits_processor.LogitsProcessor._get_logits", hooks.lm_head_with_amateur, "AROUND"),
     ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.execute",
      hooks.around_decode_replay, "AROUND"),
     ("sglang.srt.layers.sampler.Sampler._sample_from_probs", hooks.seeded_resample, "AROUND"),

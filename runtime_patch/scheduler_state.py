@@ -8,10 +8,12 @@ final norm and the LM head; ``release`` unpins a finished request's group.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,11 +27,17 @@ from esamp_sgl.latent_step import distill_and_mix
 from esamp_sgl.mix import candidate_mask, post_filter_logits
 from esamp_sgl.seeded import seeded_sample
 from esamp_sgl.slots import NoFreeSlot, SlotTable
+from esamp_sgl.transfer import to_device
 from runtime_patch.metrics import metrics_if_enabled
 
 logger = logging.getLogger(__name__)
 
 TOKEN_KEY = "esamp_token"  # per-token customized_info key; summarized into meta_info["esamp"]
+SEEDS_ATTR = "esamp_seeds"  # set on a batch's SamplingBatchInfo: per-row esamp.seed for the sampler
+# Fault injection for tests (off unless the variable is set): the ESamp parts it names raise in
+# every step that has a row of a group whose name starts with FAULT_GROUP_PREFIX.
+FAULTS_ENV = "ESAMP_SGL_TEST_FAULTS"
+FAULT_GROUP_PREFIX = "esamp-test-fault"
 
 
 @dataclass
@@ -55,6 +63,7 @@ class StepRows:
     debug: list[bool]
     group: list[str | None]
     seed: list[int | None]
+    owner: list[tuple[str, int] | None]  # (request id, ordinal of the token this row samples)
 
     @property
     def mixing(self) -> bool:
@@ -73,6 +82,9 @@ class Counters:
     warmed_up_tokens: int = 0
     refused_no_slot: int = 0
     groups_created: int = 0
+    hook_errors: int = 0  # exceptions contained in ESamp's hooks: that step ran plain
+    post_stop_rows_dropped: int = 0  # training rows of requests that had already stopped
+    amateur_second_pass: int = 0  # post-filter steps whose L(ĥ) took a second LM-head pass
     # Host wall time in ESamp's hooks vs in whole forward_batch_generation calls: ESamp's share
     # of the scheduler's work, measured in-process (robust to a noisy machine). On GPU it
     # measures launch time, not kernel time.
@@ -97,10 +109,15 @@ class SchedulerState:
     graph_rows: GraphRows | None = None
     capturing: bool = False  # inside a decode-graph capture: the logits hook records graph_step
     graph_captured: bool = False
+    # Post-filter: ĥ rows the LM head projects beside h in the same pass (lm_head_rows), and
+    # the amateur logits L(ĥ) that pass produced.
+    _armed_h_hat: torch.Tensor | None = None
+    head: tuple[Any, Any] | None = None  # (LogitsProcessor, lm_head) seen in the decode-graph capture
+    _amateur: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         embed, norm = shallow_modules(self.model)
-        self._embed, self._norm, self._lm_head = embed, norm, self.model.lm_head
+        self._embed, self._norm = embed, norm
         if self.cfg.source_layer is not None:
             capture_layer(self.model, self.cfg.source_layer)
         hidden = embed.weight.shape[1]
@@ -110,6 +127,7 @@ class SchedulerState:
         self.lane = lane_cls(self.bank, self.cfg.staleness)
         self.slots = SlotTable(self.cfg.max_groups, ttl=self.cfg.group_ttl)
         self.metrics = metrics_if_enabled(list(self.report()))
+        self._faults = frozenset(filter(None, os.environ.get(FAULTS_ENV, "").split(",")))
 
     @contextmanager
     def timed(self) -> Iterator[None]:
@@ -119,29 +137,48 @@ class SchedulerState:
         finally:
             self.counters.esamp_seconds += time.perf_counter() - start
 
+    @contextmanager
+    def contained(self, part: str) -> Iterator[None]:
+        """Run an ESamp part of a hook so that no exception leaves it: it is logged and counted,
+        and the rest of the step runs as plain SGLang (the caller checks ``self.current``).
+        Nothing ESamp does may take the scheduler down."""
+        try:
+            if part in self._faults and self.current is not None and any(
+                    g is not None and g.startswith(FAULT_GROUP_PREFIX) for g in self.current.group):
+                raise RuntimeError(f"ESamp test fault in {part}")
+            yield
+        except Exception:
+            self.counters.hook_errors += 1
+            self.current = None
+            self._armed_h_hat = self._amateur = None
+            logger.exception("ESamp: error in %s; this step's rows are served as plain SGLang", part)
+
     # --- per batch -----------------------------------------------------------------------------
 
-    def begin_batch(self, reqs: list, chunked_req=None) -> None:
+    def begin_batch(self, reqs: list, chunked_req=None) -> StepRows | None:
         """Resolve each row's β and slot; ``current`` stays None when no row explores.
         ``chunked_req``: the request whose prefill this batch computes only a chunk of."""
         rows = [self._row(req) for req in reqs]
         if not any(r is not None for r in rows):
             self.current = None
-            return
+            return None
         sampling = [r if r is not None and samples_now(req, chunked_req) else None for r, req in zip(rows, reqs)]
         betas = [scheduled_beta(r.params.beta, r.sampled, self.cfg.beta_halflife) if r else 0.0 for r in sampling]
+        owner = [(req.rid, r.sampled) if r is not None and r.slot >= 0 else None for r, req in zip(sampling, reqs)]
         for r in sampling:
             if r is not None:
                 r.sampled += 1
         self.current = StepRows(
-            beta=torch.tensor(betas, dtype=torch.float32, device=self.device),
+            beta=to_device(betas, torch.float32, self.device),
             beta_host=betas,
             slot=[r.slot if r else -1 for r in sampling],
             warm_slot=[r.slot if r is not None and self.cfg.warmup_steps else -1 for r in rows],
             debug=[bool(r and r.params.debug) for r in sampling],
             group=[r.group if r else None for r in sampling],
             seed=[r.params.seed if r else None for r in sampling],
+            owner=owner,
         )
+        return self.current
 
     def end_batch(self) -> None:
         # Every 16 mixing steps: reading the device-side reset counter is a host sync on GPU.
@@ -174,15 +211,22 @@ class SchedulerState:
             logger.warning("ESamp: no free group slot for request %s; it samples plain", req.rid)
             return None
         if fresh:
-            self.lane.reset_slots(torch.tensor([slot], device=self.device))
+            self.lane.reset_slots(to_device([slot], torch.int64, self.device))
             self.counters.groups_created += 1
         self.requests[req.rid] = known = ExploringRequest(params, group, slot)
         return known
 
-    def release(self, rid: str) -> None:
-        """A request finished or was aborted: unpin its group (idempotent)."""
+    def release(self, rid: str, produced: int) -> None:
+        """A request finished or was aborted, having produced ``produced`` tokens: unpin its
+        group (idempotent). Under SGLang's overlap scheduler the step after a request's last
+        token still held its row (it finishes only when that step's result is processed): that
+        row is taken out of the training jobs not yet started."""
         known = self.requests.pop(rid, None)
-        if known is not None and known.group is not None:
+        if known is None:
+            return
+        if known.group is not None:
+            self.counters.post_stop_rows_dropped += self.lane.drop_rows(
+                lambda tag: tag[0] == rid and tag[1] >= produced)
             self.slots.release(known.group)
 
     # --- between the final norm and the LM head ------------------------------------------------
@@ -211,7 +255,7 @@ class SchedulerState:
                 slots.append(torch.full((extend_lens[i],), slot, dtype=torch.int64))
         if not rows:
             return
-        index = torch.cat(rows).to(hidden.device)
+        index = to_device(torch.cat(rows), torch.int64, hidden.device)
         x = self.shallow_state(input_ids, aux_hidden_states, index)
         self.lane.warm_up(x, hidden.index_select(0, index), torch.cat(slots))
         self.counters.warmed_up_tokens += len(index)
@@ -224,22 +268,43 @@ class SchedulerState:
         x = self.shallow_state(input_ids, aux_hidden_states, rows)
         h = hidden.index_select(0, rows)
         slot = torch.tensor(step.slot, dtype=torch.int64)
-        groups = RowGroups.of(slot, self.device)
-        h_mix, h_hat, novelty = distill_and_mix(self.lane.forward_params, x, h, slot.to(self.device).clamp_min(0),
+        # The slot-grouped form is the CPU's (on CUDA the fused kernel gathers per row).
+        groups = None if self.device.type == "cuda" else RowGroups.of(slot, self.device)
+        h_mix, h_hat, novelty = distill_and_mix(self.lane.forward_params, x, h,
+                                                to_device(slot.clamp_min(0), torch.int64, self.device),
                                                 step.beta, self.cfg.mix, groups, start=self.bank.template)
-        self.lane.submit(x, h, slot)
+        self.lane.submit(x, h, slot, step.owner)
         out = hidden.clone()
         out.index_copy_(0, rows, h_mix)
         self.counters.steps += 1
         return out, h_hat, self._token_info(step, h, h_hat, novelty)
 
-    def post_filter(self, logits: torch.Tensor, h_hat: torch.Tensor, sampling_info) -> torch.Tensor:
+    def post_filter(self, logits: torch.Tensor, amateur: torch.Tensor, sampling_info) -> torch.Tensor:
         """Post-filter mode: the base logits' own top-k/top-p/min-p pick the candidates, and the
-        contrast (1+β)·Wh − β·Wĥ reweights only those (rows with β = 0 are unchanged)."""
+        contrast (1+β)·L(h) − β·L(ĥ) reweights only those (rows with β = 0 are unchanged)."""
         keep = candidate_mask(logits, sampling_info.top_ks, sampling_info.top_ps, sampling_info.min_ps,
                               sampling_info.temperatures.view(-1), rank_filters=uses_rank_filters(sampling_info))
-        step = self.current
-        return post_filter_logits(logits, h_hat, self._lm_head.weight, step.beta, keep, step.beta_host)
+        return post_filter_logits(logits, amateur, self.current.beta, keep)
+
+    # --- amateur logits L(ĥ) for the post-filter, in the LM head's own pass ------------------
+
+    def arm_amateur(self, h_hat: torch.Tensor) -> None:
+        """The next LM-head call of this forward projects ``h_hat`` beside the sampled rows."""
+        self._armed_h_hat, self._amateur = h_hat, None
+
+    def lm_head_rows(self, hidden_rows: int) -> torch.Tensor | None:
+        """For the LM-head hook: the ĥ rows to append to a call with ``hidden_rows`` rows, once;
+        None (and disarmed) if nothing is armed or the call is not the sampled rows' one."""
+        armed, self._armed_h_hat = self._armed_h_hat, None
+        return armed if armed is not None and armed.shape[0] == hidden_rows else None
+
+    def keep_amateur(self, amateur: torch.Tensor) -> None:
+        self._amateur = amateur
+
+    def take_amateur(self) -> torch.Tensor | None:
+        """L(ĥ) from this forward's LM-head pass (None where it did not run); disarms."""
+        amateur, self._amateur, self._armed_h_hat = self._amateur, None, None
+        return amateur
 
     # --- the decode step in graph form (esamp_sgl/graph_rows.py) ------------------------------
     # On GPU SGLang captures its decode forward, our logits hook included, into CUDA graphs: the
@@ -261,12 +326,29 @@ class SchedulerState:
     def end_capture(self) -> None:
         self.capturing = False
 
+    def graph_fits(self, rows: int) -> bool:
+        """Whether an eager decode step of ``rows`` rows can take the graph form: captured
+        buffers cannot grow (SGLang runs a batch above its largest graph eagerly, and then so
+        does ESamp, in the eager form); uncaptured ones grow on demand."""
+        return not self.graph_captured or self.graph_rows.max_rows >= rows
+
     def graph_step(self, input_ids: torch.Tensor, hidden: torch.Tensor, aux_hidden_states) -> torch.Tensor:
         """What the decode graph computes between the final norm and the LM head, for every row
-        of the padded batch (each decode row samples): the final states to project."""
+        of the padded batch (each decode row samples): the final states to project. Post-filter
+        mode arms the LM head to project the snapshot's ĥ in the same pass."""
         x = self.shallow_state(input_ids, aux_hidden_states)
-        return self.graph_rows.step(self.lane.forward_params, x, hidden, self.cfg.mix,
-                                    mix=self.cfg.filter_mode == "pre", start=self.bank.template)
+        out = self.graph_rows.step(self.lane.forward_params, x, hidden, self.cfg.mix,
+                                   mix=self.cfg.filter_mode == "pre", start=self.bank.template)
+        if self.cfg.filter_mode == "post":
+            self.arm_amateur(self.graph_rows.h_hat[: hidden.shape[0]])
+        return out
+
+    def captured_output(self, output) -> None:
+        """Inside a capture, after the logits processor: the graph's L(ĥ) buffer, found again
+        after each replay by the address of the logits it was captured with."""
+        amateur = self.take_amateur()
+        if amateur is not None and is_capturing(self.device):
+            self.graph_rows.amateur_by_logits[output.next_token_logits.data_ptr()] = amateur
 
     def before_replay(self, rows: int) -> None:
         """Before a decode graph replays for ``rows`` live rows: the training the lane owes this
@@ -281,16 +363,22 @@ class SchedulerState:
         self.lane.begin_step()
         self.graph_rows.load(step.beta_host, step.slot)
 
-    def after_replay(self, output, sampling_info):
+    def after_replay(self, output, sampling_info, amateur: torch.Tensor | None, second_pass) -> Any:
         """After the replay, before sampling: queue the step's rows for training, post-filter
-        (post mode: the graph left the logits unmixed), per-token info into customized_info."""
+        (post mode: the graph left the logits unmixed and projected ĥ beside h; ``amateur`` is
+        that L(ĥ), or None where only ``second_pass(ĥ)`` can compute it), per-token info into
+        customized_info."""
         step = self.current
         if step is None or not step.mixing:
             return output
-        snap = self.graph_rows.rows(len(step.slot))
-        self.lane.submit(snap.x, snap.h, torch.tensor(step.slot, dtype=torch.int64))
+        n = len(step.slot)
+        snap = self.graph_rows.rows(n)
+        self.lane.submit(snap.x, snap.h, torch.tensor(step.slot, dtype=torch.int64), step.owner)
         if self.cfg.filter_mode == "post":
-            output.next_token_logits = self.post_filter(output.next_token_logits, snap.h_hat, sampling_info)
+            if amateur is None:
+                self.counters.amateur_second_pass += 1
+                amateur = second_pass(snap.h_hat)
+            output.next_token_logits = self.post_filter(output.next_token_logits, amateur[:n], sampling_info)
         self.counters.steps += 1
         self.counters.graph_steps += 1
         attach_token_info(output, self._token_info(step, snap.h, snap.h_hat, snap.novelty))
@@ -313,16 +401,22 @@ class SchedulerState:
     # --- sampling -------------------------------------------------------------------------------
 
     def resample_seeded(self, ids: torch.Tensor, probs: torch.Tensor, sampling_info, positions: torch.Tensor) -> None:
-        """Overwrite, in place, the sampled ids of rows whose request carries esamp.seed."""
-        step = self.current
-        rows = [i for i, seed in enumerate(step.seed) if seed is not None]
-        if not rows or probs.shape[0] != len(step.seed):
+        """Overwrite, in place, the sampled ids of rows whose request carries esamp.seed. The
+        seeds travel on the batch's SamplingBatchInfo: SGLang may sample after the forward's
+        hooks ended (grammar batches under the overlap scheduler). Seeded sampling reads the
+        rows' positions on the host (a device sync): it is a pairing tool for benchmarks, not
+        the exploring hot path."""
+        seeds = getattr(sampling_info, SEEDS_ATTR, None)
+        if seeds is None or probs.shape[0] != len(seeds):
             return
-        index = torch.tensor(rows, device=probs.device)
+        rows = [i for i, seed in enumerate(seeds) if seed is not None]
+        if not rows:
+            return
+        index = to_device(rows, torch.int64, probs.device)
         pos = positions.index_select(0, index).tolist()
         drawn = seeded_sample(probs.index_select(0, index), sampling_info.top_ks.index_select(0, index),
                               sampling_info.top_ps.index_select(0, index), sampling_info.min_ps.index_select(0, index),
-                              [step.seed[i] for i in rows], pos, rank_filters=uses_rank_filters(sampling_info))
+                              [seeds[i] for i in rows], pos, rank_filters=uses_rank_filters(sampling_info))
         ids[index] = drawn.to(ids.dtype)
 
     # --- reporting ----------------------------------------------------------------------------
@@ -343,6 +437,9 @@ class SchedulerState:
             "warmed_up_tokens": self.counters.warmed_up_tokens,
             "refused_no_slot": self.counters.refused_no_slot,
             "groups_created": self.counters.groups_created,
+            "hook_errors": self.counters.hook_errors,
+            "post_stop_rows_dropped": self.counters.post_stop_rows_dropped,
+            "amateur_second_pass": self.counters.amateur_second_pass,
             "esamp_seconds": round(self.counters.esamp_seconds, 6),
             "forward_seconds": round(self.counters.forward_seconds, 6),
         }
@@ -361,6 +458,18 @@ class TokenInfo:
 
     def copy(self) -> dict:
         return {"group": self.group, "beta": self.beta, "novelty": float(self.novelty), **(self.debug or {})}
+
+
+def is_capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def attach_seeds(sampling_info, step: StepRows | None) -> None:
+    """Per-row esamp.seed on the batch's SamplingBatchInfo, which SGLang hands to its sampler
+    (a dataclass without slots in SGLang 0.5.23); None where no row is seeded."""
+    if sampling_info is not None:
+        seeds = step.seed if step is not None and any(s is not None for s in step.seed) else None
+        setattr(sampling_info, SEEDS_ATTR, seeds)
 
 
 def attach_token_info(output, token_info: list) -> None:
@@ -414,13 +523,15 @@ def capture_layer(model: torch.nn.Module, layer: int) -> None:
 
 
 def shallow_modules(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The token embedding and layer 0's input norm of a Llama-family model, or a clear error."""
+    """The token embedding and layer 0's input norm of a Llama-family model, or a clear error.
+    (RMSNorm is scale-free, so a model that scales its embeddings before layer 0 — Gemma's
+    √d — gives the same shallow state up to the norm's ε.)"""
     inner = getattr(model, "model", None)
     embed = getattr(inner, "embed_tokens", None)
     layers = getattr(inner, "layers", None)
     norm = getattr(layers[0], "input_layernorm", None) if layers is not None and len(layers) else None
-    if embed is None or norm is None or getattr(model, "lm_head", None) is None:
+    if embed is None or norm is None:
         raise RuntimeError(
-            f"ESamp needs a Llama-family model (model.embed_tokens, model.layers[0].input_layernorm, "
-            f"lm_head); {type(model).__name__} does not have them. Start without ESamp (--no-esamp).")
+            f"ESamp needs a Llama-family model (model.embed_tokens, model.layers[0].input_layernorm); "
+            f"{type(model).__name__} does not have them. Start without ESamp (--no-esamp).")
     return embed, norm

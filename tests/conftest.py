@@ -21,14 +21,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from esamp_sgl.launcher import LaunchedServer
-from esamp_sgl.models import cache_root, resolve, write_tiny_llama
+from esamp_sgl.models import cache_root, resolve, write_tiny_model
 
 LOG_DIR = Path(__file__).parent / ".logs"
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
-    return write_tiny_llama(cache_root() / "models" / "tiny-llama-test")
+    return write_tiny_model(cache_root() / "models" / "tiny-llama-v520")
 
 
 @pytest.fixture(scope="session")
@@ -40,10 +40,16 @@ def smollm2_path() -> Path:
 SERVER_ENV: dict[str, str | None] = {"TRITON_INTERPRET": None}
 
 
-def start_server(model: Path, name: str, *flags: str) -> LaunchedServer:
-    return LaunchedServer(str(model), flags, log_path=LOG_DIR / f"{name}.log", env=SERVER_ENV)
+def start_server(model: Path, name: str, *flags: str, env: dict[str, str | None] | None = None) -> LaunchedServer:
+    return LaunchedServer(str(model), flags, log_path=LOG_DIR / f"{name}.log", env={**SERVER_ENV, **(env or {})})
 
 
-def launch(model: Path, name: str, *flags: str) -> Iterator[LaunchedServer]:
-    with start_server(model, name, *flags) as server:
+def launch(model: Path, name: str, *flags: str, env: dict[str, str | None] | None = None) -> Iterator[LaunchedServer]:
+    with start_server(model, name, *flags, env=env) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_path() -> Path:
+    """Tied embeddings, √d-scaled embeddings and final-logit softcapping (see write_tiny_model)."""
+    return write_tiny_model(cache_root() / "models" / "tiny-gemma2-v520", arch="gemma2", layers=2)

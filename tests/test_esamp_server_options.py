@@ -1,13 +1,17 @@
 """Server options on one real server (tiny model): post-filter mode (the base model picks the
 candidates), a captured layer as the distiller's source, warm-up on prompt states, a β schedule, chunked
-prefill, and ESamp's gauges on /metrics."""
+prefill, ESamp's gauges on /metrics, and faults injected into ESamp's hooks (contained: the step
+runs plain, the server goes on)."""
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 import torch
 
+from runtime_patch.scheduler_state import FAULT_GROUP_PREFIX, FAULTS_ENV
 from tests.conftest import launch
 from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore, gen, lm_head_weight, post
 
@@ -17,10 +21,11 @@ CHUNK = 64  # prefill chunk size: long prompts arrive in several forwards
 
 @pytest.fixture(scope="module", params=["auto", "graph"])  # graph: the CUDA-graph form of the decode step, eagerly
 def server(request, tiny_model_path):
-    yield from launch(tiny_model_path, f"esamp-tiny-options-{request.param}", "--esamp-init", "random",
-                      "--esamp-filter-mode", "post", "--esamp-source", "layer:1", "--esamp-lr", "0.05",
-                      "--esamp-warmup-steps", "2", "--esamp-beta-halflife", "8", "--chunked-prefill-size", str(CHUNK),
-                      "--enable-metrics", "--esamp-decode-path", request.param)
+    flags = ("--esamp-init", "random", "--esamp-filter-mode", "post", "--esamp-source", "layer:1", "--esamp-lr", "0.05",
+             "--esamp-warmup-steps", "2", "--esamp-beta-halflife", "8", "--chunked-prefill-size", str(CHUNK),
+             "--enable-metrics", "--esamp-decode-path", request.param)
+    # Faults in the mix of a prefill or eager decode step and in the graph form's step.
+    yield from launch(tiny_model_path, f"esamp-tiny-options-{request.param}", *flags, env={FAULTS_ENV: "mix,graph_step"})
 
 
 def test_post_filter_mode_keeps_the_base_candidates(server, tiny_model_path):
@@ -108,3 +113,19 @@ def test_chunked_prefill_warms_up_on_every_chunk_and_mixes_only_sampled_tokens(s
     assert prompt_tokens > 2 * CHUNK
     assert out["meta_info"]["esamp"]["tokens_mixed"] == after["mixed_tokens"] - before["mixed_tokens"] == 8
     assert prompt_tokens - 4 <= after["warmed_up_tokens"] - before["warmed_up_tokens"] <= prompt_tokens
+
+
+def test_a_fault_in_a_hook_serves_its_steps_plain_and_the_server_goes_on(server):
+    before = esamp_stats(server)
+    with ThreadPoolExecutor(2) as pool:
+        faulty = pool.submit(gen, server, PROMPTS[0], temperature=1.0, top_k=5, max_new_tokens=N_TOKENS,
+                             ignore_eos=True, **explore(2.0, group=FAULT_GROUP_PREFIX + "-1"))
+        beside = pool.submit(gen, server, PROMPTS[1], temperature=1.0, top_k=5, max_new_tokens=N_TOKENS,
+                             ignore_eos=True, **explore(1.0))
+        faulty, beside = faulty.result(), beside.result()
+    assert faulty["meta_info"]["completion_tokens"] == beside["meta_info"]["completion_tokens"] == N_TOKENS
+    assert "esamp" not in faulty["meta_info"]  # every step that held its row ran plain
+    assert esamp_stats(server)["hook_errors"] - before["hook_errors"] >= N_TOKENS
+    again = gen(server, PROMPTS[2], temperature=1.0, top_k=5, max_new_tokens=N_TOKENS, ignore_eos=True,
+                **explore(1.0))
+    assert again["meta_info"]["esamp"]["tokens_mixed"] == N_TOKENS

@@ -7,11 +7,11 @@ import json
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from esamp_sgl.models import MARKER, ModelError, resolve, write_tiny_llama
+from esamp_sgl.models import MARKER, ModelError, resolve, write_tiny_model
 
 
 def test_tiny_llama_is_a_loadable_checkpoint_with_chat_template(tmp_path):
-    path = write_tiny_llama(tmp_path / "tiny", layers=2, hidden=64)
+    path = write_tiny_model(tmp_path / "tiny", layers=2, hidden=64)
     config = AutoConfig.from_pretrained(path)
     assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("llama", 2, 64)
     tok = AutoTokenizer.from_pretrained(path)
@@ -22,9 +22,9 @@ def test_tiny_llama_is_a_loadable_checkpoint_with_chat_template(tmp_path):
 
 
 def test_tiny_llama_is_reused_not_rewritten(tmp_path):
-    path = write_tiny_llama(tmp_path / "tiny", layers=2, hidden=64)
+    path = write_tiny_model(tmp_path / "tiny", layers=2, hidden=64)
     stamp = (path / "model.safetensors").stat().st_mtime_ns
-    assert write_tiny_llama(tmp_path / "tiny", layers=2, hidden=64) == path
+    assert write_tiny_model(tmp_path / "tiny", layers=2, hidden=64) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
 
 
