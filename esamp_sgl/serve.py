@@ -95,6 +95,9 @@ def _refuse_unsupported(args: Sequence[str]) -> None:
         if value is not None and int(value) > 1:
             raise ValueError(f"ESamp keeps one distiller bank per scheduler; {flag} {value} would split a "
                              "group's requests across data-parallel ranks. Use --dp-size 1 or --no-esamp.")
+    if _given(args, "--enable-dp-attention"):
+        raise ValueError("ESamp's post-filter projects ĥ beside h in the LM head's own pass, which data-parallel "
+                         "attention gathers per rank (--enable-dp-attention); use --no-esamp.")
     if _given(args, "--speculative-algorithm"):
         raise ValueError("ESamp cannot run with speculative decoding (--speculative-algorithm); use --no-esamp.")
 

@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 
 TOKEN_KEY = "esamp_token"  # per-token customized_info key; summarized into meta_info["esamp"]
 SEEDS_ATTR = "esamp_seeds"  # set on a batch's SamplingBatchInfo: per-row esamp.seed for the sampler
-# Fault injection for tests (off unless the variable is set): the ESamp parts it names raise in
-# every step that has a row of a group whose name starts with FAULT_GROUP_PREFIX.
+# Fault injection for tests (off unless the variable is set): the ESamp parts it names ("mix",
+# "graph_step") raise in every step that has a row of a group whose name starts with
+# FAULT_GROUP_PREFIX.
 FAULTS_ENV = "ESAMP_SGL_TEST_FAULTS"
 FAULT_GROUP_PREFIX = "esamp-test-fault"
 
@@ -143,15 +144,18 @@ class SchedulerState:
         and the rest of the step runs as plain SGLang (the caller checks ``self.current``).
         Nothing ESamp does may take the scheduler down."""
         try:
-            if part in self._faults and self.current is not None and any(
-                    g is not None and g.startswith(FAULT_GROUP_PREFIX) for g in self.current.group):
-                raise RuntimeError(f"ESamp test fault in {part}")
             yield
         except Exception:
             self.counters.hook_errors += 1
             self.current = None
             self._armed_h_hat = self._amateur = None
             logger.exception("ESamp: error in %s; this step's rows are served as plain SGLang", part)
+
+    def inject_test_fault(self, part: str) -> None:
+        """Raise where FAULTS_ENV names ``part`` and the step has a row of a fault-test group."""
+        if part in self._faults and self.current is not None and any(
+                g is not None and g.startswith(FAULT_GROUP_PREFIX) for g in self.current.group):
+            raise RuntimeError(f"ESamp test fault in {part}")
 
     # --- per batch -----------------------------------------------------------------------------
 
@@ -263,6 +267,7 @@ class SchedulerState:
     def mix(self, input_ids: torch.Tensor, hidden: torch.Tensor, aux_hidden_states, rows: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Hidden states with the sampled ``rows`` mixed, ĥ of those rows, one info entry per row."""
+        self.inject_test_fault("mix")
         step = self.current
         self.lane.begin_step()
         x = self.shallow_state(input_ids, aux_hidden_states, rows)
@@ -315,7 +320,8 @@ class SchedulerState:
     # the sequence's results — mixed tokens equal argmax W·h_mix, β = 0 rows equal plain, training,
     # post-filter, meta — and that the step compiles as one graph without breaks (no host syncs).
     # Only a GPU can verify the capture itself, replays against buffers written between them, and
-    # the side-stream lane's events (tests/test_gpu_paths.py, skipped without CUDA).
+    # the side-stream lane's events (tests/gpu_checks.py: pytest skips them without CUDA, and
+    # scripts/gpu_check.sh runs them on a bare GPU machine).
 
     def begin_capture(self, max_rows: int) -> None:
         """SGLang starts capturing (or warming up) a decode graph for batches of up to ``max_rows``."""
@@ -336,6 +342,7 @@ class SchedulerState:
         """What the decode graph computes between the final norm and the LM head, for every row
         of the padded batch (each decode row samples): the final states to project. Post-filter
         mode arms the LM head to project the snapshot's ĥ in the same pass."""
+        self.inject_test_fault("graph_step")
         x = self.shallow_state(input_ids, aux_hidden_states)
         out = self.graph_rows.step(self.lane.forward_params, x, hidden, self.cfg.mix,
                                    mix=self.cfg.filter_mode == "pre", start=self.bank.template)

@@ -42,7 +42,8 @@ def test_bad_esamp_flag_value_names_the_field(tiny_model_path):
 
 
 @pytest.mark.parametrize("flags,match", [(["--dp-size", "2"], "data-parallel"),
-                                         (["--speculative-algorithm", "EAGLE3"], "speculative")])
+                                         (["--speculative-algorithm", "EAGLE3"], "speculative"),
+                                         (["--enable-dp-attention"], "dp-attention")])
 def test_unsupported_setups_are_refused_with_esamp_on(tiny_model_path, flags, match):
     with pytest.raises(ValueError, match=match):
         build_launch(str(tiny_model_path), flags, cpu=True)

@@ -1,0 +1,81 @@
+"""Run tests/gpu_checks.py on a machine with one CUDA GPU and only torch + triton installed (no
+SGLang, no pytest, no network), and write a JSON report. Without CUDA it says so, runs what it
+can — that every check imports (the CPU references are the test suite's) — and exits 0.
+
+Usage: python scripts/gpu_check.py [--out REPORT.json] [--only SUBSTRING]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_without_package_inits() -> types.ModuleType:
+    """tests/gpu_checks.py with esamp_sgl, runtime_patch and tests as bare namespaces: the
+    package's own __init__ enables SGLang's frontend, which a bare GPU machine does not have,
+    and the checks need only the engine-agnostic core and the scheduler state."""
+    for name in ("esamp_sgl", "runtime_patch", "tests"):
+        package = types.ModuleType(name)
+        package.__path__ = [str(ROOT / name)]
+        sys.modules[name] = package
+    spec = importlib.util.spec_from_file_location("tests.gpu_checks", ROOT / "tests" / "gpu_checks.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tests.gpu_checks"] = module
+    spec.loader.exec_module(module)
+    importlib.import_module("runtime_patch.hooks")  # what the checks drive, importable without SGLang
+    return module
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
+    parser.add_argument("--only", default="")
+    args = parser.parse_args()
+    import torch
+
+    checks = load_without_package_inits().CHECKS
+    report: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "torch": torch.__version__,
+                    "python": platform.python_version(), "cuda": torch.cuda.is_available(), "checks": {}}
+    try:
+        import triton
+
+        report["triton"] = triton.__version__
+    except ImportError:
+        report["triton"] = None
+    if not torch.cuda.is_available():
+        report["note"] = "no CUDA device: the GPU checks were imported, not run"
+        report["checks"] = {name: {"status": "skipped"} for name in checks}
+    else:
+        report["device"] = torch.cuda.get_device_name()
+        for name, check in checks.items():
+            if args.only not in name:
+                continue
+            start = time.perf_counter()
+            try:
+                check()
+                entry = {"status": "passed"}
+            except Exception:
+                entry = {"status": "failed", "error": traceback.format_exc(limit=8)}
+            entry["seconds"] = round(time.perf_counter() - start, 3)
+            report["checks"][name] = entry
+            print(f"{entry['status']:>7}  {entry['seconds']:7.2f} s  {name}", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    failed = [n for n, e in report["checks"].items() if e["status"] == "failed"]
+    print(f"gpu_check: cuda={report['cuda']} passed={sum(e['status'] == 'passed' for e in report['checks'].values())} "
+          f"failed={len(failed)} -> {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""What only a CUDA GPU can show, as plain functions (no pytest, no SGLang): run by
+tests/test_gpu_paths.py under pytest and by scripts/gpu_check.sh on a bare GPU machine.
+
+Each check would fail on a GPU if the defect it names came back:
+- the side-stream lane keeps its staleness contract while the forward runs on a stream other
+  than the default one (as SGLang's forward stream / schedule stream), with slot resets and
+  warm-ups in between, and with the forward stream reusing freed memory at once (a job's
+  inputs without ``record_stream`` would be overwritten before the side stream reads them);
+- a decode step — eager form and graph form, post-filter included — makes no host sync
+  (``torch.cuda.set_sync_debug_mode("error")``), with bf16 hidden states;
+- the graph form captured the way SGLang captures a decode graph (ESamp's hooks around a padded
+  batch, the LM head projecting [h; ĥ] in one pass over padded vocabulary rows with a softcap),
+  replayed for fewer live rows than captured, with β, slots and weights changed between replays;
+- the fused Triton kernel against its torch reference in fp16 and bf16 at d = 576 and 4096.
+
+The scheduler state is built on a stand-in model that has only what ESamp reads (token
+embedding, layer 0's input norm); the logits path is a stand-in for SGLang's LM head with its
+padding and softcap — SGLang itself is not on the GPU machine these checks are written for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import torch
+
+from esamp_sgl.config import ESampConfig
+from esamp_sgl.distiller import DistillerBank, distiller_forward
+from esamp_sgl.lane import CudaStreamLane, DeferredLane
+from esamp_sgl.latent_step import distill_and_mix_torch
+from esamp_sgl.transfer import to_device
+
+D, VOCAB, VOCAB_PADDED, SOFTCAP = 64, 300, 320, 3.0
+CUDA = torch.device("cuda")
+
+
+def _rows(n: int, seed: int, d: int = D) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)).to(CUDA)
+
+
+# --- the lane beside a forward on its own stream -----------------------------------------------
+
+def check_lane_on_a_forward_stream(staleness: int) -> None:
+    cfg = ESampConfig(init="random", rank=8, lr=0.05, staleness=staleness, warmup_steps=2)
+    lane = CudaStreamLane(DistillerBank(3, D, cfg, device=CUDA), staleness)  # built on the default stream
+    reference = DeferredLane(DistillerBank(3, D, cfg, device=CUDA), staleness)
+    forward = torch.cuda.Stream()
+    slot = torch.tensor([0, 1, 2, 0])
+    probe, probe_slot = _rows(4, 99), slot.to(CUDA)
+    with torch.cuda.stream(forward):
+        forward.wait_stream(torch.cuda.default_stream())
+        for t in range(10):
+            for each in (lane, reference):
+                each.begin_step()
+                if t == 4:
+                    each.reset_slots(to_device([1], torch.int64, CUDA))
+                if t == 6:
+                    each.warm_up(_rows(6, 500), _rows(6, 600), torch.tensor([2, 2, 2, 0, 0, 0]))
+            seen = distiller_forward(lane.forward_params, probe, probe_slot)
+            want = distiller_forward(reference.forward_params, probe, probe_slot)
+            torch.testing.assert_close(seen, want, rtol=1e-4, atol=1e-4, msg=f"step {t}")
+            x, h = _rows(4, t), _rows(4, 50 + t)
+            lane.submit(x, h, slot)
+            reference.submit(x, h, slot)
+            del x, h
+            for _ in range(4):  # the forward stream reuses freed blocks at once, with garbage
+                torch.full((4, D), float("nan"), device=CUDA)
+        lane.flush()
+        reference.flush()
+    torch.cuda.synchronize()
+    assert lane.lag == 0
+    torch.testing.assert_close(distiller_forward(lane.forward_params, probe, probe_slot),
+                               distiller_forward(reference.forward_params, probe, probe_slot), rtol=1e-4, atol=1e-4)
+
+
+# --- a decode step through ESamp's scheduler state -------------------------------------------
+
+class _StandInModel(torch.nn.Module):
+    """What ESamp reads of a Llama-family model: model.embed_tokens, model.layers[0].input_layernorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = torch.nn.Module()
+        layer.input_layernorm = torch.nn.RMSNorm(D)
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(VOCAB_PADDED, D)
+        self.model.layers = torch.nn.ModuleList([layer])
+
+
+def _state(filter_mode: str, decode_path: str = "auto"):
+    from runtime_patch.scheduler_state import SchedulerState
+
+    cfg = ESampConfig(init="random", rank=8, init_std=0.3, lr=0.05, filter_mode=filter_mode, decode_path=decode_path)
+    return SchedulerState(cfg, _StandInModel().to(CUDA), CUDA, "unused")
+
+
+def _head(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A stand-in for SGLang's LM-head path: padded vocabulary rows cut off, then a softcap."""
+    return lambda h: SOFTCAP * torch.tanh((h.float() @ weight.T.float())[:, :VOCAB] / SOFTCAP)
+
+
+def _step_rows(beta: list[float], slot: list[int]):
+    from runtime_patch.scheduler_state import StepRows
+
+    n = len(beta)
+    return StepRows(beta=to_device(beta, torch.float32, CUDA), beta_host=beta, slot=slot, warm_slot=[-1] * n,
+                    debug=[False] * n, group=[f"g{s}" if s >= 0 else None for s in slot], seed=[None] * n,
+                    owner=[(f"r{i}", 0) if s >= 0 else None for i, s in enumerate(slot)])
+
+
+def _sampling(n: int, top_k: int = 20) -> SimpleNamespace:
+    """The fields of SGLang's SamplingBatchInfo that the post-filter reads."""
+    return SimpleNamespace(top_ks=torch.full((n,), top_k, device=CUDA), top_ps=torch.ones(n, device=CUDA),
+                           min_ps=torch.zeros(n, device=CUDA), temperatures=torch.ones(n, 1, device=CUDA),
+                           need_top_k_sampling=True, need_top_p_sampling=False, need_min_p_sampling=False)
+
+
+def _lm_head(state, head, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head as ESamp's hook wraps it (one pass over [h; ĥ] where the post-filter armed ĥ)."""
+    from runtime_patch import hooks
+
+    hooks._state = state
+    return hooks.lm_head_with_amateur(lambda _p, h, _head, _md: head(h), None, hidden, None, None)
+
+
+def check_decode_step_makes_no_host_sync(form: str) -> None:
+    state = _state("post", decode_path="graph" if form == "graph" else "auto")
+    head = _head(torch.randn(VOCAB_PADDED, D, device=CUDA) * 0.3)
+    beta, slot = [1.0, 0.0, 0.5, 2.0, 1.0], [0, -1, 1, 0, 2]
+    n = len(beta)
+    ids = torch.randint(0, VOCAB, (n,), device=CUDA)
+
+    def step(seed: int) -> None:
+        hidden = _rows(n, seed).to(torch.bfloat16)
+        state.current = _step_rows(beta, slot)
+        if form == "eager":
+            mixed, h_hat, _ = state.mix(ids, hidden, None, torch.arange(n, device=CUDA))
+            state.arm_amateur(h_hat)
+            logits = _lm_head(state, head, hidden)
+            state.post_filter(logits, state.take_amateur(), _sampling(n))
+        else:
+            state.before_replay(n)
+            mixed = state.graph_step(ids, hidden, None)
+            output = SimpleNamespace(next_token_logits=_lm_head(state, head, mixed), customized_info=None)
+            state.after_replay(output, _sampling(n), state.take_amateur(), second_pass=None)
+        state.current = None
+
+    step(0)  # compiles the Triton kernel, warms the allocators
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for seed in range(1, 4):
+            step(seed)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert state.counters.steps == 4 and state.bank.train_steps >= 2
+
+
+def check_captured_decode_step_replays_padded(filter_mode: str) -> None:
+    """Captured for 8 rows as SGLang's capture hooks bracket it, replayed for 3 and 5 live rows."""
+    from esamp_sgl.mix import candidate_mask, post_filter_logits
+
+    max_rows, state = 8, _state(filter_mode)
+    weight = torch.randn(VOCAB_PADDED, D, device=CUDA) * 0.3
+    head = _head(weight)
+    static_ids = torch.zeros(max_rows, dtype=torch.int64, device=CUDA)
+    static_h = torch.zeros(max_rows, D, dtype=torch.bfloat16, device=CUDA)
+
+    def forward() -> SimpleNamespace:
+        mixed = state.graph_step(static_ids, static_h, None)
+        output = SimpleNamespace(next_token_logits=_lm_head(state, head, mixed), customized_info=None)
+        state.captured_output(output)
+        return output
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # SGLang's warm-up runs before the capture
+        state.begin_capture(max_rows)
+        forward()
+        state.end_capture()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        state.begin_capture(max_rows)
+        captured = forward()
+        state.end_capture()
+
+    for seed, (beta, slot) in enumerate([([1.0, 0.0, 0.5], [2, -1, 0]), ([2.0, 1.0, 1.0, 0.5, 1.0], [0, 1, 2, 3, 0])]):
+        n = len(beta)
+        ids, h = torch.randint(0, VOCAB, (max_rows,), device=CUDA), _rows(max_rows, 100 + seed).to(torch.bfloat16)
+        state.current = _step_rows(beta, slot)
+        state.before_replay(n)
+        params_now = tuple(p.clone() for p in state.lane.forward_params)  # what this replay must read
+        static_ids.copy_(ids)
+        static_h.copy_(h)
+        graph.replay()
+        output = SimpleNamespace(next_token_logits=captured.next_token_logits[:n], customized_info=None)
+        amateur = state.graph_rows.captured_amateur(output.next_token_logits) if filter_mode == "post" else None
+        assert filter_mode == "pre" or amateur is not None, "the captured L(ĥ) was not found after the replay"
+        result = state.after_replay(output, _sampling(n), amateur, second_pass=None)
+
+        x = state.shallow_state(ids, None)[:n]
+        b = torch.tensor(beta, device=CUDA)
+        s = torch.tensor([max(v, 0) for v in slot], device=CUDA)
+        want_mix, want_hat, _ = distill_and_mix_torch(params_now, x, h[:n], s, b)
+        if filter_mode == "pre":
+            want = head(want_mix)
+        else:
+            base = head(h[:n])
+            keep = candidate_mask(base, _sampling(n).top_ks, torch.ones(n, device=CUDA), torch.zeros(n, device=CUDA),
+                                  torch.ones(n, device=CUDA))
+            want = post_filter_logits(base, head(want_hat), b, keep)
+        finite = torch.isfinite(want)
+        assert torch.equal(finite, torch.isfinite(result.next_token_logits))
+        torch.testing.assert_close(result.next_token_logits[finite], want[finite], rtol=2e-2, atol=2e-2)
+        state.current = None
+        state.lane.flush()  # the step's training lands: the next replay must read the new weights
+    assert state.counters.graph_steps == 2
+
+
+# --- the fused kernel, compiled for real ---------------------------------------------------------
+
+def check_triton_kernel(dtype: torch.dtype, d: int) -> None:
+    from esamp_sgl.kernels.distill_mix import distill_mix_triton
+
+    bank = DistillerBank(3, d, ESampConfig(init="random", rank=32, init_std=0.05), device=CUDA)
+    n = 7  # odd
+    x, h = _rows(n, 1, d), _rows(n, 2, d).to(dtype)
+    slot = torch.tensor([0, 1, 2, -1, 0, 1, -1], device=CUDA)
+    beta = torch.tensor([1.0, 0.5, 2.0, 0.0, 1.0, 0.25, 0.0], device=CUDA)
+    out, h_hat, nov = distill_mix_triton(bank.params, x, h, slot, beta)
+    ref_out, ref_hat, ref_nov = distill_and_mix_torch(bank.params, x, h, slot, beta)
+    assert out.dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    torch.testing.assert_close(out.float(), ref_out.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(h_hat, ref_hat, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(nov, ref_nov, rtol=1e-3, atol=1e-4)
+    assert torch.equal(out[beta == 0], h[beta == 0])
+
+
+CHECKS: dict[str, Callable[[], None]] = {
+    **{f"lane_on_a_forward_stream[staleness={k}]": (lambda k=k: check_lane_on_a_forward_stream(k)) for k in (0, 1, 3)},
+    **{f"decode_step_makes_no_host_sync[{form}]": (lambda form=form: check_decode_step_makes_no_host_sync(form))
+       for form in ("eager", "graph")},
+    **{f"captured_decode_step_replays_padded[{mode}]": (lambda mode=mode: check_captured_decode_step_replays_padded(mode))
+       for mode in ("pre", "post")},
+    **{f"triton_kernel[{str(dt).split('.')[-1]},d={d}]": (lambda dt=dt, d=d: check_triton_kernel(dt, d))
+       for dt in (torch.float16, torch.bfloat16) for d in (576, 4096)},
+}
