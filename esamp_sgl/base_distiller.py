@@ -93,6 +93,12 @@ def load_base(model_path: str | Path, cfg: ESampConfig) -> dict[str, torch.Tenso
     return load_file(str(path))
 
 
+def cached_stats(model_path: str | Path, cfg: ESampConfig) -> BaseStats | None:
+    """The statistics of a complete cached base distiller (weights and JSON), else None."""
+    stats = base_stats(model_path, cfg)
+    return stats if stats is not None and base_path(model_path, cfg).is_file() else None
+
+
 def base_stats(model_path: str | Path, cfg: ESampConfig) -> BaseStats | None:
     meta = base_path(model_path, cfg).with_suffix(".json")
     return BaseStats(**json.loads(meta.read_text())) if meta.is_file() else None
@@ -101,8 +107,8 @@ def base_stats(model_path: str | Path, cfg: ESampConfig) -> BaseStats | None:
 def ensure_base(model_path: str | Path, cfg: ESampConfig, *, seed: int = 0, dtype: str = "float32") -> BaseStats:
     """Build the base distiller unless it is cached; return its statistics. ``dtype``: the
     dtype the model runs in while its states are collected (the server's)."""
-    cached = base_stats(model_path, cfg)
-    if cached is not None and base_path(model_path, cfg).is_file():
+    cached = cached_stats(model_path, cfg)
+    if cached is not None:
         return cached
     states = collect_states(model_path, cfg, seed=seed, dtype=dtype)
     start = time.perf_counter()
@@ -115,8 +121,8 @@ def ensure_base(model_path: str | Path, cfg: ESampConfig, *, seed: int = 0, dtyp
 
 def build_in_child(model_path: str | Path, cfg: ESampConfig, dtype: str) -> BaseStats:
     """ensure_base in a child process (see the module doc), which must succeed."""
-    cached = base_stats(model_path, cfg)
-    if cached is not None and base_path(model_path, cfg).is_file():
+    cached = cached_stats(model_path, cfg)
+    if cached is not None:
         return cached
     subprocess.run([sys.executable, "-m", "esamp_sgl.base_distiller", str(model_path), cfg.to_env(), dtype],
                    check=True)

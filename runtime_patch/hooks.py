@@ -142,7 +142,6 @@ def around_forward_batch(original: Any, worker: Any, batch: Any = None, *args: A
     finally:
         with _state.timed(), _state.contained("end_batch"):
             _state.end_batch()
-        _state.current = None
         _state.counters.forward_seconds += time.perf_counter() - start
 
 
@@ -231,8 +230,6 @@ def graph_form_step(original: Any, processor: Any, input_ids: torch.Tensor, hidd
     with _state.timed(), _state.contained("graph_step"):
         _state.before_replay(hidden_states.shape[0])
         mixed = _state.graph_step(input_ids, hidden_states, aux_hidden_states)
-    if _state.current is None:
-        mixed = hidden_states
     output = original(processor, input_ids, mixed, lm_head, logits_metadata, *args, **kwargs)
     amateur = _state.take_amateur()
     result = output

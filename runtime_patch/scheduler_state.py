@@ -159,13 +159,13 @@ class SchedulerState:
 
     # --- per batch -----------------------------------------------------------------------------
 
-    def begin_batch(self, reqs: list, chunked_req=None) -> StepRows | None:
+    def begin_batch(self, reqs: list, chunked_req=None) -> None:
         """Resolve each row's β and slot; ``current`` stays None when no row explores.
         ``chunked_req``: the request whose prefill this batch computes only a chunk of."""
         rows = [self._row(req) for req in reqs]
         if not any(r is not None for r in rows):
             self.current = None
-            return None
+            return
         sampling = [r if r is not None and samples_now(req, chunked_req) else None for r, req in zip(rows, reqs)]
         betas = [scheduled_beta(r.params.beta, r.sampled, self.cfg.beta_halflife) if r else 0.0 for r in sampling]
         owner = [(req.rid, r.sampled) if r is not None and r.slot >= 0 else None for r, req in zip(sampling, reqs)]
@@ -182,7 +182,6 @@ class SchedulerState:
             seed=[r.params.seed if r else None for r in sampling],
             owner=owner,
         )
-        return self.current
 
     def end_batch(self) -> None:
         # Every 16 mixing steps: reading the device-side reset counter is a host sync on GPU.

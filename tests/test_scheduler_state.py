@@ -35,8 +35,8 @@ def test_a_decode_batch_above_the_captured_graphs_takes_the_eager_form(state):
     assert state.graph_fits(4) and not state.graph_fits(8)
     with pytest.raises(ValueError, match="exceed"):  # what the graph form would have run into
         state.graph_rows.load([1.0] * 8, [0] * 8)
-    step = state.begin_batch([_request(f"r{i}", 1.0) for i in range(8)])
-    assert step is not None and step.mixing
+    state.begin_batch([_request(f"r{i}", 1.0) for i in range(8)])
+    assert state.current is not None and state.current.mixing
     hidden = torch.randn(8, state.bank.d)
     mixed, h_hat, info = state.mix(torch.arange(8), hidden, None, torch.arange(8))
     assert mixed.shape == hidden.shape and not torch.equal(mixed, hidden) and all(info)
