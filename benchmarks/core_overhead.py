@@ -19,12 +19,12 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
+from esamp_sgl.benchmarks.results_io import save_result
 from esamp_sgl.config import ESampConfig, bytes_per_group
 from esamp_sgl.distiller import DistillerBank, RowGroups
 from esamp_sgl.lane import DeferredLane
 from esamp_sgl.latent_step import distill_and_mix
 from esamp_sgl.models import resolve
-from results_io import save_result
 
 CONTEXT = 64
 FORK = 8

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import requests
 
-from benchmarks.quality.recipes import RECIPES, recipe_min_p
+from esamp_sgl.benchmarks.quality.recipes import RECIPES, recipe_min_p
+from esamp_sgl.benchmarks.results_io import save_result
 from esamp_sgl.launcher import LaunchedServer
 from esamp_sgl.server_check import esamp_states
-from results_io import save_result
 
 PROMPTS = [f"Question {i}: what is {i + 3} + {2 * i + 5}? Think step by step." for i in range(8)]
 FORKS = 8

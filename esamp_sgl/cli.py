@@ -1,12 +1,22 @@
-"""The ``esamp-sgl`` command line: serve, models, demo."""
+"""The ``esamp-sgl`` command line: serve, models, demo, run, bench."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 from esamp_sgl import models
+
+# `esamp-sgl run NAME`: the module of esamp_sgl.programs (the repo's programs/) whose main() runs.
+# Names only, so that building the parser imports no program (they import SGLang).
+PROGRAMS = {
+    "self-consistency": "self_consistency",
+    "best-of-n": "best_of_n",
+    "tree-of-thought": "tree_of_thought",
+    "creative-fanout": "creative_fanout",
+}
 
 
 def _cmd_serve(args: argparse.Namespace, sglang_args: list[str]) -> int:
@@ -30,22 +40,18 @@ def _cmd_models(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, _: list[str]) -> int:
-    from programs.demo import run_demo
+    from esamp_sgl.programs.demo import run_demo
 
     return run_demo(args.model, problems=args.problems, k=args.k, beta=args.beta)
 
 
 def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
-    import importlib
-
-    from programs import PROGRAMS
-
-    importlib.import_module(PROGRAMS[args.program]).main(rest)
+    importlib.import_module(f"esamp_sgl.programs.{PROGRAMS[args.program]}").main(rest)
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
-    from benchmarks.quality.cli import main as quality_main
+    from esamp_sgl.benchmarks.quality.cli import main as quality_main
 
     return quality_main(rest)
 
@@ -90,8 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--k", type=int, default=4)
     demo.add_argument("--beta", type=float, default=0.5)
     demo.set_defaults(func=_cmd_demo)
-
-    from programs import PROGRAMS
 
     run = sub.add_parser("run", add_help=False,  # --help goes to the program
                          help="run an SGLang program against a server: " + ", ".join(PROGRAMS))

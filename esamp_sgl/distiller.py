@@ -7,6 +7,7 @@ row s of each bank tensor, so one call serves a batch whatever its mix of groups
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,16 @@ class DistillerBank:
         self.train_steps = 0
         self.reset_count = torch.zeros((), dtype=torch.int64, device=self.device)  # device-side: no sync
         self.last_loss: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0, dtype=torch.int64), torch.empty(0))
+
+    def checksum(self) -> str:
+        """A digest of every slot's weights, bit for bit: equal across tensor-parallel ranks that
+        trained alike. Waits for the device (a side stream may be training): /server_info only."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        digest = hashlib.sha256()
+        for p in self.params:
+            digest.update(p.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def reset_slots(self, slots: torch.Tensor) -> None:
         """Give ``slots`` fresh weights and optimizer state."""

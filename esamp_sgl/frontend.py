@@ -68,15 +68,34 @@ def server_max_beta(endpoint: RuntimeEndpoint) -> float:
     if cached is not None:
         return cached
     try:
-        info = requests.get(endpoint.base_url + "/server_info", timeout=30).json()
+        resp = requests.get(endpoint.base_url + "/server_info", timeout=30)
+        if resp.status_code == 404 and is_sglang_router(endpoint.base_url):
+            raise ExploreUnavailable(ROUTER_DROPS_CUSTOM_PARAMS.format(url=endpoint.base_url))
+        resp.raise_for_status()
+        states = [s.get("esamp", {}) for s in resp.json().get("internal_states", [])]
     except requests.RequestException as e:
         raise ExploreUnavailable(f"cannot ask {endpoint.base_url} whether it runs ESamp: {e}") from e
-    states = [s.get("esamp", {}) for s in info.get("internal_states", [])]
     if not states or not all(s.get("active") for s in states):
         raise ExploreUnavailable(f"explore= needs a server started with `esamp-sgl serve` (ESamp active); "
                                  f"{endpoint.base_url} does not run ESamp")
     endpoint._esamp_max_beta = min(s["max_beta"] for s in states)
     return endpoint._esamp_max_beta
+
+
+# sglang-router 0.3.2 re-serializes requests through typed structs that have no custom_params
+# (native /generate and the OpenAI endpoints alike): behind it an exploring request would reach
+# the worker as a plain one. tests/test_scale_out.py checks that it still does.
+ROUTER_DROPS_CUSTOM_PARAMS = ("{url} is SGLang's router, which drops custom_params (ESamp's esamp.beta) on "
+                              "the way to its workers, so explore= would sample plain; send exploring requests "
+                              "to an `esamp-sgl serve` server (use --dp-size N there to scale on one machine)")
+
+
+def is_sglang_router(url: str) -> bool:
+    """Whether ``url`` answers as sglang-router does (it has /workers and no /server_info)."""
+    try:
+        return requests.get(url + "/workers", timeout=10).ok
+    except requests.RequestException:
+        return False
 
 
 def _endpoint(backend: Any) -> Any:

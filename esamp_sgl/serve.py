@@ -34,6 +34,9 @@ CPU_DEFAULTS: dict[str, str | None] = {
     "--host": "127.0.0.1",
 }
 CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1"}  # without it rotary embedding reaches vllm ops
+# Tensor parallel on CPU (gloo): PyPI's torch carries NCCL, so SGLang would also build an NCCL
+# communicator, which fails without a GPU; a library path that does not load makes it skip that.
+CPU_TP_ENV = {"SGLANG_NCCL_SO_PATH": "/nonexistent/esamp-sgl-no-nccl-on-cpu.so"}
 # Decode CUDA graphs capture ESamp's step with the model (runtime_patch/hooks.py joins SGLang's
 # capture hooks). A prefill graph would replay an extend without ESamp's last-token mix and
 # warm-up, which run on the host's per-request view of the batch: ESamp keeps prefill eager.
@@ -89,17 +92,50 @@ def split_esamp_args(args: Sequence[str]) -> tuple[ESampConfig | None, list[str]
     return ESampConfig(**{f.name: getattr(ns, f.name) for f in fields(ESampConfig)}), rest
 
 
-def _refuse_unsupported(args: Sequence[str]) -> None:
-    for flag in ("--dp-size", "--dp"):
-        value = _value(args, flag)
-        if value is not None and int(value) > 1:
-            raise ValueError(f"ESamp keeps one distiller bank per scheduler; {flag} {value} would split a "
-                             "group's requests across data-parallel ranks. Use --dp-size 1 or --no-esamp.")
-    if _given(args, "--enable-dp-attention"):
-        raise ValueError("ESamp's post-filter projects ĥ beside h in the LM head's own pass, which data-parallel "
-                         "attention gathers per rank (--enable-dp-attention); use --no-esamp.")
+def _size(args: Sequence[str], *flags: str) -> int:
+    """A parallelism degree given under any of its SGLang spellings (1 if absent)."""
+    values = [_value(args, f) for f in flags]
+    return max([int(v) for v in values if v is not None], default=1)
+
+
+def tp_size(args: Sequence[str]) -> int:
+    return _size(args, "--tp-size", "--tensor-parallel-size")
+
+
+def dp_size(args: Sequence[str]) -> int:
+    return _size(args, "--dp-size", "--data-parallel-size")
+
+
+def _refuse_unsupported(args: Sequence[str], esamp: ESampConfig) -> None:
+    for flag in ("--pp-size", "--pipeline-parallel-size"):
+        if _size(args, flag) > 1:
+            raise ValueError(f"ESamp cannot run with pipeline parallelism ({flag} {_value(args, flag)}): its "
+                             "shallow state is read from the first stage and mixed before the LM head on the "
+                             "last. Use tensor or data parallelism, or --no-esamp.")
+    for flag in ("--enable-dp-attention", "--enable-dp-lm-head"):
+        if _given(args, flag):
+            raise ValueError(f"ESamp's post-filter projects ĥ beside h in the LM head's own pass, which "
+                             f"data-parallel attention splits per rank ({flag}); use --dp-size, or --no-esamp.")
+    if _size(args, "--attn-dp-size") > 1:
+        raise ValueError("ESamp cannot run with data-parallel attention (--attn-dp-size > 1); use --dp-size, "
+                         "or --no-esamp.")
     if _given(args, "--speculative-algorithm"):
         raise ValueError("ESamp cannot run with speculative decoding (--speculative-algorithm); use --no-esamp.")
+    if esamp.init == "svd" and tp_size(args) > 1:
+        raise ValueError("--esamp-init svd reads the model's last MLP, which tensor parallelism shards "
+                         "(--tp-size > 1); use --esamp-init base or random.")
+
+
+def cpu_threads_bind(ranks: int, cores: Sequence[int]) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND for ``ranks`` scheduler processes on ``cores``: disjoint
+    contiguous ranges where there are enough cores, else one core each, shared round-robin.
+    (Unset, SGLang binds one rank per NUMA node and refuses more ranks than nodes.)"""
+    cores = sorted(cores)
+    if ranks <= len(cores):
+        width = len(cores) // ranks
+        chunks = [cores[i * width:(i + 1) * width] for i in range(ranks)]
+        return "|".join(f"{c[0]}-{c[-1]}" if len(c) > 1 else str(c[0]) for c in chunks)
+    return "|".join(str(cores[i % len(cores)]) for i in range(ranks))
 
 
 def build_launch(model: str | None, args: Sequence[str], *, cpu: bool | None = None) -> ServerLaunch:
@@ -118,8 +154,14 @@ def build_launch(model: str | None, args: Sequence[str], *, cpu: bool | None = N
     if on_cpu:
         defaults.update(CPU_DEFAULTS)
         env.update(CPU_ENV)
+        ranks = tp_size(args) * dp_size(args)
+        if ranks > 1:
+            env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu_threads_bind(ranks, os.sched_getaffinity(0)))
+        if tp_size(args) > 1:
+            for key, value in CPU_TP_ENV.items():
+                env.setdefault(key, value)
     if esamp is not None:
-        _refuse_unsupported(args)
+        _refuse_unsupported(args, esamp)
         env[ENV_VAR] = esamp.to_env()
         if not on_cpu:
             defaults.update(GPU_ESAMP_DEFAULTS)

@@ -1,9 +1,4 @@
 """SGLang programs that explore with ESamp: each a function to import and a CLI
-(``esamp-sgl run NAME ...``). Programs take ``explore`` (β; None = plain sampling)."""
-
-PROGRAMS = {
-    "self-consistency": "programs.self_consistency",
-    "best-of-n": "programs.best_of_n",
-    "tree-of-thought": "programs.tree_of_thought",
-    "creative-fanout": "programs.creative_fanout",
-}
+(``esamp-sgl run NAME ...``; the names are in ``esamp_sgl.cli.PROGRAMS``). Programs take
+``explore`` (β; None = plain sampling). Installed as ``esamp_sgl.programs``; modules import
+each other relatively, so that they work under that name and as the repo's ``programs``."""

@@ -7,7 +7,7 @@ import argparse
 
 import sglang as sgl
 
-from programs.common import raise_errors, sampling_kwargs
+from .common import raise_errors, sampling_kwargs
 
 
 @sgl.function

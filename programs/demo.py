@@ -14,8 +14,8 @@ from pathlib import Path
 import sglang as sgl
 
 from esamp_sgl.runtime import Runtime
-from programs import self_consistency
-from programs.common import addition_problems
+from . import self_consistency
+from .common import addition_problems
 
 
 def summarize(records: list[dict], seconds: float) -> dict:

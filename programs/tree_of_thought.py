@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sglang as sgl
 
-from programs.common import Problem, arithmetic_main, last_number, majority, raise_errors, sampling_kwargs
+from .common import Problem, arithmetic_main, last_number, majority, raise_errors, sampling_kwargs
 
 
 @sgl.function

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import zlib
 from typing import Any
 
 import torch
@@ -52,7 +53,7 @@ def summarize_meta_info(result: None, manager: Any, meta_info: dict, *args: Any,
     """AFTER TokenizerManager.update_request_meta_info (SGLang 0.5.23).
 
     Per-token entries (accumulated by SGLang across stream chunks) become one summary:
-    meta_info["esamp"] = {group, beta, tokens_mixed, mean_novelty}; debug entries stay per token
+    meta_info["esamp"] = {group, beta, tokens_mixed, mean_novelty, dp_rank}; debug entries stay per token
     in meta_info["esamp_debug"] (h, ĥ, novelty and the β that token was mixed with).
     """
     tokens = meta_info.pop(TOKEN_KEY, None)
@@ -64,9 +65,38 @@ def summarize_meta_info(result: None, manager: Any, meta_info: dict, *args: Any,
         "beta": entries[0]["beta"],  # the request's β (a β schedule starts from it)
         "tokens_mixed": len(entries),
         "mean_novelty": sum(e["novelty"] for e in entries) / len(entries),
+        "dp_rank": entries[-1]["dp_rank"],
     }
     if "h" in entries[0]:
         meta_info["esamp_debug"] = [{k: e[k] for k in ("h", "h_hat", "novelty", "beta")} for e in entries]
+
+
+def route_group_to_dp_rank(original: Any, controller: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND DataParallelController.dispatching_with_trace (SGLang 0.5.23), in the data-parallel
+    controller's process: every request of an exploring group goes to the DP rank a stable hash
+    of the group picks, so the group has one distiller. A request that pins ``routed_dp_rank``
+    itself keeps it, and its group lives on that rank too: pin every request of a group alike,
+    or none. The n samples of an n > 1 request share one group id (assign_default_group), so
+    they stay together."""
+    if getattr(req, "routed_dp_rank", None) is None:
+        group = exploring_group(req)
+        if group is not None:
+            req.routed_dp_rank = group_dp_rank(group, len(controller.workers))
+    return original(controller, req, *args, **kwargs)
+
+
+def exploring_group(req: Any) -> str | None:
+    """The group of a tokenized request that explores (β > 0), else None."""
+    custom = getattr(getattr(req, "sampling_params", None), "custom_params", None) or {}
+    explore = custom.get(esamp_params.KEY)
+    if isinstance(explore, dict) and explore.get("beta") and isinstance(explore.get("group"), str):
+        return explore["group"]
+    return None
+
+
+def group_dp_rank(group: str, ranks: int) -> int:
+    """A group's data-parallel rank: the same in every process and run (unlike hash())."""
+    return zlib.crc32(group.encode("utf-8", "surrogatepass")) % ranks
 
 
 # --- scheduler process: the decode path ---------------------------------------------------------
@@ -83,8 +113,11 @@ def attach_to_worker(result: None, worker: Any, *args: Any, **kwargs: Any) -> No
     global _state
     if kwargs.get("is_draft_worker") or _state is not None:
         return
+    from sglang.srt.runtime_context import get_parallel
+
     runner = worker.model_runner
-    _state = SchedulerState(_cfg, runner.model, torch.device(runner.device), runner.model_config.model_path)
+    _state = SchedulerState(_cfg, runner.model, torch.device(runner.device), runner.model_config.model_path,
+                            dp_rank=get_parallel().dp_rank or 0)
     runner.capture_head_hooks.append(begin_decode_capture)
     runner.capture_tail_hooks.append(end_decode_capture)
 
@@ -314,11 +347,19 @@ def release_request(result: None, req: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def report_state(result: Any, *args: Any, **kwargs: Any) -> None:
-    """AFTER SchedulerInternalStateController.get_internal_state (SGLang 0.5.23): /server_info."""
+    """AFTER SchedulerInternalStateController.get_internal_state (SGLang 0.5.23): /server_info.
+
+    Every tensor-parallel rank of the scheduler runs this for the same request (SGLang
+    broadcasts requests from TP rank 0), so the ranks' distiller checksums are gathered here:
+    ``distiller_checksums[i]`` is TP rank i's."""
+    from sglang.srt.distributed.parallel_state import get_tp_group
     from runtime_patch.plugin import scheduler_hooks_applied
 
     applied, missing = scheduler_hooks_applied()
     entry: dict[str, Any] = {"active": _state is not None and applied, "hooks_missing": missing}
     if _state is not None:
         entry.update(_state.report())
+        entry["dp_rank"] = _state.dp_rank
+        checksum, tp = _state.bank.checksum(), get_tp_group()
+        entry["distiller_checksums"] = tp.all_gather_object(checksum) if tp.world_size > 1 else [checksum]
     result.internal_state["esamp"] = entry

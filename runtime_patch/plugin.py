@@ -22,6 +22,8 @@ MAIN_PROCESS_HOOKS = (
      hooks.assign_default_group, "AFTER"),
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info",
      hooks.summarize_meta_info, "AFTER"),
+    ("sglang.srt.managers.data_parallel_controller.DataParallelController.dispatching_with_trace",
+     hooks.route_group_to_dp_rank, "AROUND"),
 )
 SCHEDULER_HOOKS = (
     ("sglang.srt.managers.tp_worker.TpModelWorker.__init__", hooks.attach_to_worker, "AFTER"),

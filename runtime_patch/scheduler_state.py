@@ -99,6 +99,7 @@ class SchedulerState:
     model: torch.nn.Module
     device: torch.device
     model_path: str
+    dp_rank: int = 0  # the data-parallel rank this scheduler serves (reported per token)
     bank: DistillerBank = field(init=False)
     lane: DeferredLane = field(init=False)
     slots: SlotTable = field(init=False)
@@ -400,7 +401,7 @@ class SchedulerState:
                 info.append(None)
                 continue
             debug = {"h": h[i].float().tolist(), "h_hat": h_hat[i].float().tolist()} if step.debug[i] else None
-            info.append(TokenInfo(step.group[i], step.beta_host[i], novelty_host[i], debug))
+            info.append(TokenInfo(step.group[i], step.beta_host[i], novelty_host[i], self.dp_rank, debug))
             self.counters.mixed_tokens += 1
         return info
 
@@ -460,10 +461,12 @@ class TokenInfo:
     group: str | None
     beta: float
     novelty: torch.Tensor  # 0-d, on the host
+    dp_rank: int
     debug: dict | None  # h and ĥ of the row, for esamp.debug
 
     def copy(self) -> dict:
-        return {"group": self.group, "beta": self.beta, "novelty": float(self.novelty), **(self.debug or {})}
+        return {"group": self.group, "beta": self.beta, "novelty": float(self.novelty), "dp_rank": self.dp_rank,
+                **(self.debug or {})}
 
 
 def is_capturing(device: torch.device) -> bool:

@@ -44,8 +44,8 @@ def main(pyproject_path: str) -> None:
     with open(pyproject_path, "rb") as f:
         project = tomllib.load(f)["project"]
     extras = project["optional-dependencies"]
-    own = project["dependencies"] + extras["dev"] + extras["bench"]
-    reqs += [r for line in own if (r := _wanted(line, {"dev", "bench"})) and r.name != "sglang"]
+    own = project["dependencies"] + extras["dev"] + extras["bench"] + extras["router"]
+    reqs += [r for line in own if (r := _wanted(line, {"dev", "bench", "router"})) and r.name != "sglang"]
     for req in reqs:
         print(req)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent install of esamp-sgl and its dependencies into a project-local venv (.venv).
 # CPU machines: torch + SGLang without its CUDA-only requirements (scripts/cpu_requirements.py)
-# + a stand-in for the CPU ops of sgl_kernel. CUDA machines: the ordinary `[gpu,dev,bench]` install.
+# + a stand-in for the CPU ops of sgl_kernel. CUDA machines: the ordinary `[gpu,dev,bench,router]` install.
 # A second run with unchanged inputs returns in seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" --upgrade pip packaging setuptools wheel
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "${pip[@]}" -e "$root[gpu,dev,bench]"
+    "${pip[@]}" -e "$root[gpu,dev,bench,router]"
 else
     constraints=$(mktemp)
     requirements=$(mktemp)

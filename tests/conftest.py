@@ -53,3 +53,48 @@ def launch(model: Path, name: str, *flags: str, env: dict[str, str | None] | Non
 def tiny_gemma2_path() -> Path:
     """Tied embeddings, √d-scaled embeddings and final-logit softcapping (see write_tiny_model)."""
     return write_tiny_model(cache_root() / "models" / "tiny-gemma2-v520", arch="gemma2", layers=2)
+
+
+class LaunchedRouter:
+    """SGLang's router (sglang-router, the `router` extra) in front of ``workers``, on loopback;
+    ready once it lists every worker as healthy (it registers them in the background)."""
+
+    def __init__(self, workers: list[str], *flags: str, name: str = "router", timeout: float = 120.0) -> None:
+        import subprocess
+        import sys
+        import time
+
+        import requests
+
+        from esamp_sgl.launcher import free_port
+
+        self.url = f"http://127.0.0.1:{free_port()}"
+        LOG_DIR.mkdir(exist_ok=True)
+        self._log = open(LOG_DIR / f"{name}.log", "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+             "--port", self.url.rsplit(":", 1)[1], "--worker-urls", *workers, *flags],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "the router exited; see " + self._log.name
+            try:
+                listed = requests.get(self.url + "/workers", timeout=5).json().get("workers", [])
+                if len(listed) >= len(workers) and all(w["is_healthy"] for w in listed):  # --dp-aware: one per rank
+                    return
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"the router did not list {len(workers)} healthy workers in {timeout:.0f} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self._log.close()
+
+    def __enter__(self) -> "LaunchedRouter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

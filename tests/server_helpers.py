@@ -36,3 +36,8 @@ def lm_head_weight(path: Path) -> torch.Tensor:
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         name = "lm_head.weight" if "lm_head.weight" in f.keys() else "model.embed_tokens.weight"  # tied
         return f.get_tensor(name).float()
+
+
+def all_esamp_stats(server) -> list[dict]:
+    """ESamp's entry of every scheduler (one per data-parallel rank)."""
+    return [s["esamp"] for s in requests.get(server.url + "/server_info", timeout=30).json()["internal_states"]]

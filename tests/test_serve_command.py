@@ -7,7 +7,7 @@ import pytest
 
 from esamp_sgl.cli import main
 from esamp_sgl.config import ENV_VAR, ESampConfig
-from esamp_sgl.serve import CPU_DEFAULTS, build_launch
+from esamp_sgl.serve import CPU_DEFAULTS, build_launch, cpu_threads_bind
 
 
 def test_cpu_defaults_fill_only_missing_flags(tiny_model_path):
@@ -41,13 +41,30 @@ def test_bad_esamp_flag_value_names_the_field(tiny_model_path):
         build_launch(str(tiny_model_path), ["--esamp-mix", "loud"], cpu=True)
 
 
-@pytest.mark.parametrize("flags,match", [(["--dp-size", "2"], "data-parallel"),
-                                         (["--speculative-algorithm", "EAGLE3"], "speculative"),
-                                         (["--enable-dp-attention"], "dp-attention")])
+@pytest.mark.parametrize("flags,match", [(["--pp-size", "2"], "--pp-size"),
+                                         (["--pipeline-parallel-size=2"], "--pipeline-parallel-size"),
+                                         (["--speculative-algorithm", "EAGLE3"], "--speculative-algorithm"),
+                                         (["--enable-dp-attention"], "--enable-dp-attention"),
+                                         (["--attn-dp-size", "2"], "--attn-dp-size"),
+                                         (["--tp-size", "2", "--esamp-init", "svd"], "--esamp-init svd")])
 def test_unsupported_setups_are_refused_with_esamp_on(tiny_model_path, flags, match):
     with pytest.raises(ValueError, match=match):
         build_launch(str(tiny_model_path), flags, cpu=True)
     assert build_launch(str(tiny_model_path), flags + ["--no-esamp"], cpu=True).esamp is None
+
+
+def test_parallel_cpu_servers_get_what_sglang_needs_there(tiny_model_path):
+    launch = build_launch(str(tiny_model_path), ["--tp-size", "2", "--dp-size=2"], cpu=True)
+    assert launch.env["SGLANG_CPU_OMP_THREADS_BIND"].count("|") == 3  # one entry per scheduler process
+    assert "SGLANG_NCCL_SO_PATH" in launch.env  # gloo only: NCCL must not load on CPU
+    assert "SGLANG_CPU_OMP_THREADS_BIND" not in build_launch(str(tiny_model_path), [], cpu=True).env
+    assert "SGLANG_NCCL_SO_PATH" not in build_launch(str(tiny_model_path), ["--dp-size", "2"], cpu=True).env
+
+
+@pytest.mark.parametrize("ranks,cores,bind", [(2, [0, 1], "0|1"), (2, range(8), "0-3|4-7"), (3, [0, 1], "0|1|0"),
+                                              (1, [2, 3], "2-3")])
+def test_cpu_threads_bind_splits_the_cores(ranks, cores, bind):
+    assert cpu_threads_bind(ranks, cores) == bind
 
 
 def test_model_must_be_given_once(tiny_model_path):

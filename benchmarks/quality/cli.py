@@ -10,11 +10,11 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.quality import plans
-from benchmarks.quality.recipes import LEARNED_RECIPES, RECIPES, SCREEN_RECIPES, TUNE_RECIPES
-from benchmarks.quality.run import ResultsFile, run_points
-from benchmarks.quality.tasks import TASKS
-from benchmarks.results_io import RESULTS_DIR, run_metadata
+from ..results_io import RESULTS_DIR, run_metadata
+from . import plans
+from .recipes import LEARNED_RECIPES, RECIPES, SCREEN_RECIPES, TUNE_RECIPES
+from .run import ResultsFile, run_points
+from .tasks import TASKS
 
 STAGES = ("screen", "tune", "learned", "frontier", "writing", "report")
 
@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             results.set_run(run_metadata())
             run_points(points, results, model=args.model, size=size, log_dir=log_dir)
         elif stage == "writing":
-            from benchmarks.quality.writing import run_writing
+            from .writing import run_writing
 
             run_writing(args.model, finalists[0], path, quick=args.quick, log_dir=log_dir)
         else:
-            from benchmarks.quality.report import write_report
+            from .report import write_report
 
             write_report(args.results_dir, suffix, readme=args.results_dir.parent / "README.md")
     return 0

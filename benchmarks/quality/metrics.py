@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.quality.stats import distinct, majority_correct, paired_bootstrap, pass_at_k
+from .stats import distinct, majority_correct, paired_bootstrap, pass_at_k
 
 METRICS = ("pass@1", "pass@4", "pass@16", "distinct", "majority", "tokens")
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from benchmarks.quality.methods import Method
-from benchmarks.quality.recipes import recipe_min_p
-from benchmarks.quality.run import Point, Size
+from .methods import Method
+from .recipes import recipe_min_p
+from .run import Point, Size
 
 SCREEN_TASK = "chain_sum"
 DEFAULT_FINALISTS = ("base-post",)

@@ -17,11 +17,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.quality.methods import Method, draw
-from benchmarks.quality.recipes import RECIPES
-from benchmarks.quality.tasks import TASKS, ChatPrompts, Problem
 from esamp_sgl.launcher import LaunchedServer
 from esamp_sgl.models import resolve
+
+from .methods import Method, draw
+from .recipes import RECIPES
+from .tasks import TASKS, ChatPrompts, Problem
 
 
 @dataclass(frozen=True)

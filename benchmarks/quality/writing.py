@@ -18,14 +18,15 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from benchmarks.quality.methods import Method, draw
-from benchmarks.quality.plans import esamp_method
-from benchmarks.quality.recipes import RECIPES
-from benchmarks.quality.run import ResultsFile
-from benchmarks.quality.tasks import ChatPrompts
-from benchmarks.results_io import run_metadata
 from esamp_sgl.launcher import LaunchedServer
 from esamp_sgl.models import resolve
+
+from ..results_io import run_metadata
+from .methods import Method, draw
+from .plans import esamp_method
+from .recipes import RECIPES
+from .run import ResultsFile
+from .tasks import ChatPrompts
 
 PROMPTS = (
     "Write the opening lines of a story about a lighthouse keeper who finds a strange letter.",

@@ -1,0 +1,117 @@
+"""Scaling out on SGLang's own machinery, on these CPUs (tiny model): tensor parallel (a
+``--tp-size 2`` server beside a ``--tp-size 1`` one with the same flags), and what SGLang's
+router does in front of the two as replicas. Data parallel: test_data_parallel.py."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import sglang as sgl
+from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
+
+import esamp_sgl
+from esamp_sgl.launcher import LaunchedServer
+from tests.conftest import LaunchedRouter, start_server
+from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore, gen, post
+
+FLAGS = ("--esamp-init", "random", "--esamp-lr", "0.05")
+TIE = 1e-4  # top-two logprobs closer than this are a float tie: TP's all-reduce sums in another order
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model_path) -> Iterator[tuple[LaunchedServer, LaunchedServer]]:
+    """(TP 1, TP 2), started side by side."""
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(start_server, tiny_model_path, "esamp-tiny-tp1", *FLAGS),
+                   pool.submit(start_server, tiny_model_path, "esamp-tiny-tp2", *FLAGS, "--tp-size", "2")]
+    started = [f.result() for f in futures if f.exception() is None]
+    if len(started) < 2:
+        for server in started:
+            server.stop()
+        raise next(f.exception() for f in futures if f.exception() is not None)
+    yield started[0], started[1]
+    for server in started:
+        server.stop()
+
+
+def generate(server: LaunchedServer, text: str, **sampling) -> dict:
+    return post(server, "/generate", {"text": text, "return_logprob": True, "top_logprobs_num": 2,
+                                      "sampling_params": sampling}).json()
+
+
+def assert_same_tokens_or_float_tie(reference: dict, out: dict, greedy: bool) -> None:
+    """Same tokens with the same logprobs; where a greedy run diverges, the reference's top two
+    logprobs at that step must be a float tie (and the rest of the run then differs freely)."""
+    ref_ids, ids = reference["output_ids"], out["output_ids"]
+    diverged = next((i for i, (a, b) in enumerate(zip(ref_ids, ids)) if a != b), None)
+    upto = len(ref_ids) if diverged is None else diverged
+    ref_lp = [t[0] for t in reference["meta_info"]["output_token_logprobs"][:upto]]
+    lp = [t[0] for t in out["meta_info"]["output_token_logprobs"][:upto]]
+    assert max((abs(a - b) for a, b in zip(ref_lp, lp)), default=0.0) < 1e-3
+    if diverged is not None:
+        assert greedy, f"seeded run diverged at step {diverged}: {ref_ids} vs {ids}"
+        top_two = reference["meta_info"]["output_top_logprobs"][diverged]
+        assert abs(top_two[0][0] - top_two[1][0]) < TIE, f"step {diverged} is no tie: {top_two}"
+
+
+@pytest.mark.parametrize("case", ["greedy", "seeded-pre-path", "seeded-post-path"])
+def test_tp2_explores_as_tp1(servers, case):
+    """Post-filter servers: no top-k/top-p/min-p sends the batch down the pre-filter path (mixed
+    h over the whole vocabulary, every token a candidate); top-k reweights the base's candidates
+    with L(ĥ) projected beside h in the LM head's pass, which TP all-gathers over the vocabulary."""
+    sampling = {"greedy": dict(GREEDY),
+                "seeded-pre-path": {"temperature": 1.0, "max_new_tokens": N_TOKENS, "ignore_eos": True},
+                "seeded-post-path": {"temperature": 1.0, "top_k": 8, "max_new_tokens": N_TOKENS, "ignore_eos": True},
+                }[case]
+    esamp = {"group": f"tp-{case}-{uuid.uuid4().hex}"} | ({} if case == "greedy" else {"seed": 7})
+    tp1, tp2 = servers
+    reference = generate(tp1, PROMPTS[1], **sampling, **explore(1.0, **esamp))
+    out = generate(tp2, PROMPTS[1], **sampling, **explore(1.0, **esamp))
+    assert out["meta_info"]["esamp"]["tokens_mixed"] == N_TOKENS
+    assert_same_tokens_or_float_tie(reference, out, greedy=case == "greedy")
+
+
+def test_tp_ranks_end_with_identical_distillers(servers):
+    _, tp2 = servers
+    with ThreadPoolExecutor(3) as pool:  # several groups, batched together
+        list(pool.map(lambda i: gen(tp2, PROMPTS[i], temperature=1.0, max_new_tokens=8, n=2,
+                                    **explore(1.0, group=f"ck-{i}")), range(3)))
+    stats = esamp_stats(tp2)
+    assert stats["training_steps"] > 0 and stats["hook_errors"] == 0
+    checksums = stats["distiller_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+
+
+def test_beta_zero_is_plain_at_tp2(servers):
+    _, tp2 = servers
+    for prompt in PROMPTS:
+        plain = gen(tp2, prompt, **GREEDY)["output_ids"]
+        assert gen(tp2, prompt, **GREEDY, **explore(0.0))["output_ids"] == plain
+
+
+@sgl.function
+def exploring(s, question):
+    s += question
+    s += sgl.gen("answer", max_tokens=6, temperature=1.0, explore=0.5)
+
+
+def test_sglang_router_drops_custom_params_so_explore_refuses_it(servers):
+    """sglang-router 0.3.2 forwards requests through typed structs without custom_params: an
+    exploring request reaches its worker as a plain one (meta has no esamp). explore= refuses
+    a router URL rather than sample plain in silence. When a router version carries
+    custom_params, the assertion on the router's answer fails: then route groups with
+    X-SMG-Routing-Key."""
+    body = {"text": PROMPTS[0], "sampling_params": {"temperature": 1.0, "max_new_tokens": 4,
+                                                    **explore(0.5, group="via-router")}}
+    assert "esamp" in post(servers[0], "/generate", body).json()["meta_info"]
+    with LaunchedRouter([s.url for s in servers], "--policy", "manual", name="router-replicas") as router:
+        resp = requests.post(router.url + "/generate", json=body, headers={"X-SMG-Routing-Key": "via-router"},
+                             timeout=120)
+        assert resp.status_code == 200 and "esamp" not in resp.json()["meta_info"]
+        state = exploring.run("Q:", backend=RuntimeEndpoint(router.url))
+        assert isinstance(state.error(), esamp_sgl.ExploreUnavailable)
+        assert "drops custom_params" in str(state.error())
