@@ -38,8 +38,16 @@ def check_beta(value: Any, max_beta: float, name: str = "esamp.beta") -> float:
 
 
 def parse(custom_params: dict[str, Any] | None, max_beta: float) -> ExploreParams:
-    """ExploreParams from a request's custom_params; no ``esamp`` entry means plain sampling."""
-    raw = (custom_params or {}).get(KEY)
+    """ExploreParams from a request's custom_params; no ``esamp`` entry means plain sampling.
+    custom_params that is not an object (SGLang types it as one but only checks on its OpenAI
+    endpoints) is refused rather than read as "no entry": a client that sent
+    ``"custom_params": "{\"esamp\": ...}"`` meant to explore."""
+    if custom_params is None:
+        return ExploreParams()
+    if not isinstance(custom_params, dict):
+        raise ValueError(f"custom_params must be an object like {{\"{KEY}\": {{\"beta\": 0.5}}}}, "
+                         f"got {custom_params!r:.80}")
+    raw = custom_params.get(KEY)
     if raw is None:
         return ExploreParams()
     if not isinstance(raw, dict):

@@ -7,6 +7,7 @@ the mix between the final norm and the LM head.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 import zlib
@@ -19,6 +20,8 @@ from esamp_sgl.config import ESampConfig
 from esamp_sgl.transfer import to_device
 from runtime_patch.scheduler_state import (TOKEN_KEY, SchedulerState, attach_seeds, attach_token_info,
                                            filters_candidates)
+
+logger = logging.getLogger(__name__)
 
 _cfg: ESampConfig | None = None
 _state: SchedulerState | None = None
@@ -78,10 +81,12 @@ def route_group_to_dp_rank(original: Any, controller: Any, req: Any, *args: Any,
     itself keeps it, and its group lives on that rank too: pin every request of a group alike,
     or none. The n samples of an n > 1 request share one group id (assign_default_group), so
     they stay together."""
-    if getattr(req, "routed_dp_rank", None) is None:
-        group = exploring_group(req)
+    try:
+        group = exploring_group(req) if getattr(req, "routed_dp_rank", None) is None else None
         if group is not None:
             req.routed_dp_rank = group_dp_rank(group, len(controller.workers))
+    except Exception:  # never take the controller down: the request is dispatched as SGLang would
+        logger.exception("ESamp: could not route request %s by its group", getattr(req, "rid", None))
     return original(controller, req, *args, **kwargs)
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import launch, start_server
 from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore, gen, lm_head_weight, post
@@ -189,3 +191,45 @@ def test_seeded_requests_are_reproducible(server):
     other_seeds = [gen(server, PROMPTS[2], **sampled, **explore(0.0, seed=s))["output_ids"] for s in (1, 2)]
     assert any(o != plain for o in other_seeds)  # the seed, not a fixed draw, decides
 
+
+# Any JSON value, nested a little: what a client can put where ESamp reads.
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=300),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                    max_leaves=6)
+ESAMP_OBJECT = st.dictionaries(st.sampled_from(["beta", "group", "seed", "debug", "bta"]) | st.text(max_size=8),
+                               JSON | st.floats(min_value=0, max_value=8), max_size=4)
+CUSTOM_PARAMS = st.one_of(JSON, st.fixed_dictionaries({"esamp": JSON | ESAMP_OBJECT}))
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(server, model):
+    if model[0] != "tiny":
+        pytest.skip("the fuzz runs once, on the tiny model's eager server")
+    return server
+
+
+@settings(max_examples=40, deadline=None)
+@given(custom_params=CUSTOM_PARAMS, endpoint=st.sampled_from(["/generate", "/v1/completions"]))
+def test_arbitrary_custom_params_get_200_or_4xx(fuzz_server, custom_params, endpoint):
+    """Whatever a client sends as custom_params: an answer within a bound, never a 5xx or a hang
+    (NaN and ±inf travel as the non-standard JSON tokens requests writes for them)."""
+    if endpoint == "/generate":
+        body = {"text": "x", "sampling_params": {"max_new_tokens": 2, "custom_params": custom_params}}
+    else:
+        body = {"model": "default", "prompt": "x", "max_tokens": 2, "custom_params": custom_params}
+    resp = requests.post(fuzz_server.url + endpoint, json=body, timeout=60)
+    assert resp.status_code == 200 or 400 <= resp.status_code < 500, (resp.status_code, resp.text[:300])
+
+
+@pytest.mark.parametrize("custom_params", [1, [{"esamp": {"beta": 0.5}}], '{"esamp": {"beta": 0.5}}'])
+def test_custom_params_that_is_not_an_object_is_http_400(fuzz_server, custom_params):
+    """Found by the fuzz: a 500 from the validation hook before it named the field."""
+    resp = post(fuzz_server, "/generate", {"text": "x", "sampling_params": {"max_new_tokens": 2,
+                                                                            "custom_params": custom_params}}, ok=False)
+    assert resp.status_code == 400 and "custom_params must be an object" in resp.text
+
+
+def test_plain_requests_are_unchanged_after_the_fuzz(fuzz_server, plain_greedy):
+    for prompt in PROMPTS:
+        assert gen(fuzz_server, prompt, **GREEDY)["output_ids"] == plain_greedy[prompt]
+    assert esamp_stats(fuzz_server)["hook_errors"] == 0
