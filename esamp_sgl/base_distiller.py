@@ -171,13 +171,16 @@ def collect_states(model_path: str | Path, cfg: ESampConfig, *, seed: int = 0, d
                          num_return_sequences=SAMPLES_PER_PROMPT, pad_token_id=tokenizer.pad_token_id)
     mask = out != tokenizer.pad_token_id
     mask[:, : batch["input_ids"].shape[1]] = batch["attention_mask"].repeat_interleave(SAMPLES_PER_PROMPT, 0).bool()
-    shallow, deep = _states(model, out, mask, cfg)
+    shallow, deep = shallow_and_deep_states(model, out, mask, cfg)
     prompt_of_row = torch.arange(len(BASE_PROMPTS), device=device).repeat_interleave(SAMPLES_PER_PROMPT)
     held = (prompt_of_row < max(1, int(len(BASE_PROMPTS) * HELD_OUT))).unsqueeze(1).expand_as(mask)[mask]
     return States(shallow.cpu(), deep.cpu(), held.cpu(), time.perf_counter() - start)
 
 
-def _states(model, ids: torch.Tensor, mask: torch.Tensor, cfg: ESampConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def shallow_and_deep_states(model, ids: torch.Tensor, mask: torch.Tensor, cfg: ESampConfig
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distiller's input x and target h at the unmasked positions of ``ids``, from a transformers
+    model: what the server computes at the same positions (tests/test_families.py holds them equal)."""
     inner = model.model
     captured: dict[str, torch.Tensor] = {}
 

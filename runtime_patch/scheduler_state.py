@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -282,7 +282,7 @@ class SchedulerState:
         out = hidden.clone()
         out.index_copy_(0, rows, h_mix)
         self.counters.steps += 1
-        return out, h_hat, self._token_info(step, h, h_hat, novelty)
+        return out, h_hat, self._token_info(step, x, h, h_hat, novelty)
 
     def post_filter(self, logits: torch.Tensor, amateur: torch.Tensor, sampling_info) -> torch.Tensor:
         """Post-filter mode: the base logits' own top-k/top-p/min-p pick the candidates, and the
@@ -388,10 +388,11 @@ class SchedulerState:
             output.next_token_logits = self.post_filter(output.next_token_logits, amateur[:n], sampling_info)
         self.counters.steps += 1
         self.counters.graph_steps += 1
-        attach_token_info(output, self._token_info(step, snap.h, snap.h_hat, snap.novelty))
+        attach_token_info(output, self._token_info(step, snap.x, snap.h, snap.h_hat, snap.novelty))
         return output
 
-    def _token_info(self, step: StepRows, h: torch.Tensor, h_hat: torch.Tensor, novelty: torch.Tensor) -> list:
+    def _token_info(self, step: StepRows, x: torch.Tensor, h: torch.Tensor, h_hat: torch.Tensor,
+                    novelty: torch.Tensor) -> list:
         # On GPU the novelty reaches the host by a copy that does not wait for the device; SGLang
         # reads each entry (TokenInfo.copy) only after it has waited for the step's outputs.
         novelty_host = novelty.to("cpu", non_blocking=True) if novelty.is_cuda else novelty.clone()
@@ -400,7 +401,8 @@ class SchedulerState:
             if slot < 0:
                 info.append(None)
                 continue
-            debug = {"h": h[i].float().tolist(), "h_hat": h_hat[i].float().tolist()} if step.debug[i] else None
+            debug = ({"x": x[i].float().tolist(), "h": h[i].float().tolist(), "h_hat": h_hat[i].float().tolist()}
+                     if step.debug[i] else None)
             info.append(TokenInfo(step.group[i], step.beta_host[i], novelty_host[i], self.dp_rank, debug))
             self.counters.mixed_tokens += 1
         return info
@@ -449,6 +451,7 @@ class SchedulerState:
             "amateur_second_pass": self.counters.amateur_second_pass,
             "esamp_seconds": round(self.counters.esamp_seconds, 6),
             "forward_seconds": round(self.counters.forward_seconds, 6),
+            "config": asdict(self.cfg),  # the recipe served (what `bench quality --url` records)
         }
 
 
@@ -462,7 +465,7 @@ class TokenInfo:
     beta: float
     novelty: torch.Tensor  # 0-d, on the host
     dp_rank: int
-    debug: dict | None  # h and ĥ of the row, for esamp.debug
+    debug: dict | None  # x (the shallow state), h and ĥ of the row, for esamp.debug
 
     def copy(self) -> dict:
         return {"group": self.group, "beta": self.beta, "novelty": float(self.novelty), "dp_rank": self.dp_rank,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,22 @@ def start_server(model: Path, name: str, *flags: str, env: dict[str, str | None]
 def launch(model: Path, name: str, *flags: str, env: dict[str, str | None] | None = None) -> Iterator[LaunchedServer]:
     with start_server(model, name, *flags, env=env) as server:
         yield server
+
+
+@contextmanager
+def launch_side_by_side(*specs: tuple) -> Iterator[list[LaunchedServer]]:
+    """Servers started at once, one per ``(model, name, *flags)``: their startups (mostly one
+    core's imports and loading) overlap. If one fails, the others are stopped and its error raised."""
+    with ThreadPoolExecutor(len(specs)) as pool:
+        futures = [pool.submit(start_server, *spec) for spec in specs]
+    started = [f.result() for f in futures if f.exception() is None]
+    try:
+        if len(started) < len(specs):
+            raise next(f.exception() for f in futures if f.exception() is not None)
+        yield started
+    finally:
+        for server in started:
+            server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
 import esamp_sgl
 from esamp_sgl.launcher import LaunchedServer
-from tests.conftest import LaunchedRouter, start_server
+from tests.conftest import LaunchedRouter, launch_side_by_side
 from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore, gen, post
 
 FLAGS = ("--esamp-init", "random", "--esamp-lr", "0.05")
@@ -23,19 +23,11 @@ TIE = 1e-4  # top-two logprobs closer than this are a float tie: TP's all-reduce
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_model_path) -> Iterator[tuple[LaunchedServer, LaunchedServer]]:
+def servers(tiny_model_path) -> Iterator[list[LaunchedServer]]:
     """(TP 1, TP 2), started side by side."""
-    with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(start_server, tiny_model_path, "esamp-tiny-tp1", *FLAGS),
-                   pool.submit(start_server, tiny_model_path, "esamp-tiny-tp2", *FLAGS, "--tp-size", "2")]
-    started = [f.result() for f in futures if f.exception() is None]
-    if len(started) < 2:
-        for server in started:
-            server.stop()
-        raise next(f.exception() for f in futures if f.exception() is not None)
-    yield started[0], started[1]
-    for server in started:
-        server.stop()
+    with launch_side_by_side((tiny_model_path, "esamp-tiny-tp1", *FLAGS),
+                             (tiny_model_path, "esamp-tiny-tp2", *FLAGS, "--tp-size", "2")) as started:
+        yield started
 
 
 def generate(server: LaunchedServer, text: str, **sampling) -> dict:

@@ -7,6 +7,7 @@ import pytest
 
 from esamp_sgl.cli import main
 from esamp_sgl.config import ENV_VAR, ESampConfig
+from esamp_sgl.models import write_tiny_model
 from esamp_sgl.serve import CPU_DEFAULTS, build_launch, cpu_threads_bind
 
 
@@ -51,6 +52,14 @@ def test_unsupported_setups_are_refused_with_esamp_on(tiny_model_path, flags, ma
     with pytest.raises(ValueError, match=match):
         build_launch(str(tiny_model_path), flags, cpu=True)
     assert build_launch(str(tiny_model_path), flags + ["--no-esamp"], cpu=True).esamp is None
+
+
+def test_layer_source_is_refused_where_sglang_captures_something_else(tmp_path):
+    """Gemma 3's capture is not the residual stream (tests/test_families.py shows it differs)."""
+    path = write_tiny_model(tmp_path / "tiny-gemma3", arch="gemma3", layers=3)
+    with pytest.raises(ValueError, match="--esamp-source layer:1: Gemma3ForCausalLM"):
+        build_launch(str(path), ["--esamp-source", "layer:1"], cpu=True)
+    assert build_launch(str(path), [], cpu=True).esamp.source == "embed"
 
 
 def test_parallel_cpu_servers_get_what_sglang_needs_there(tiny_model_path):

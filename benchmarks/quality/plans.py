@@ -5,8 +5,9 @@ from __future__ import annotations
 from .methods import Method
 from .recipes import recipe_min_p
 from .run import Point, Size
+from .tasks import TASKS, Task
 
-SCREEN_TASK = "chain_sum"
+SCREEN_TASK = TASKS["chain_sum"]
 DEFAULT_FINALISTS = ("base-post",)
 PLAIN_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
 
@@ -35,7 +36,7 @@ def screen_points(recipes: list[str], quick: bool, min_p_control: bool = False,
     return points
 
 
-def frontier_points(tasks: list[str], finalists: list[str], quick: bool) -> list[Point]:
+def frontier_points(tasks: list[Task], finalists: list[str], quick: bool) -> list[Point]:
     """Plain over a temperature sweep, min-p, FIRE, and each finalist at β = 1 and two temperatures."""
     home = finalists[0]  # β = 0 methods run on the first finalist's server
     fire = Method("fire", 0.8, fire_temperature=3.0, recipe=home)

@@ -46,10 +46,15 @@ TUNE_RECIPES = ("base-post", "base-post-warmup8", "base-post-steps2", "base-post
 LEARNED_RECIPES = ("base-learned-lr2e-2", "base-learned-lr5e-2", "base-learned-lr2e-1")
 
 POST_FILTER_MIN_P = 0.05  # post-filter recipes: the base distribution's min-p picks the candidates
+# `bench quality --url`: the recipe is whatever that server serves, named by its filter mode
+# (/server_info → internal_states[0].esamp.config.filter_mode).
+SERVED_MIN_P = {"served-post": POST_FILTER_MIN_P, "served-pre": 0.0}
 
 
 def recipe_min_p(recipe: str) -> float:
     """The min-p an exploring request samples with under ``recipe``."""
+    if recipe in SERVED_MIN_P:
+        return SERVED_MIN_P[recipe]
     flags = RECIPES[recipe]
     post = any(a == "--esamp-filter-mode" and b == "post" for a, b in zip(flags, flags[1:]))
     return POST_FILTER_MIN_P if post else 0.0

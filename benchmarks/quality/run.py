@@ -3,14 +3,16 @@
 A point is (task, method); its record holds, per problem, every sample's final answer,
 correctness, token count and ESamp novelty. Points already in the results file are skipped,
 so an interrupted run continues where it stopped. Points are grouped by the server recipe
-they need, and each recipe's server is started once.
+they need, and each recipe's server is started once — or, with ``--url``, every point runs on
+the server already there (recipe_server).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,21 +20,20 @@ from pathlib import Path
 from tqdm import tqdm
 
 from esamp_sgl.launcher import LaunchedServer
-from esamp_sgl.models import resolve
 
 from .methods import Method, draw
-from .recipes import RECIPES
-from .tasks import TASKS, ChatPrompts, Problem
+from .recipes import RECIPES, SERVED_MIN_P
+from .tasks import ChatPrompts, Problem, Task
 
 
 @dataclass(frozen=True)
 class Point:
-    task: str
+    task: Task
     method: Method
 
     @property
     def key(self) -> str:
-        return f"{self.task}/{self.method.recipe}/{self.method.key}"
+        return f"{self.task.name}/{self.method.recipe}/{self.method.key}"
 
 
 @dataclass(frozen=True)
@@ -98,21 +99,34 @@ def run_point(url: str, chat: ChatPrompts, problems: list[Problem], method: Meth
     return {"method": asdict(method), "seconds": time.perf_counter() - start, "problems": records}
 
 
-def run_points(points: Iterable[Point], results: ResultsFile, *, model: str, size: Size, log_dir: Path) -> None:
-    """Run the points not yet in ``results``, one server per recipe."""
+@contextmanager
+def recipe_server(recipe: str, model: str, log_dir: Path, url: str | None = None) -> Iterator[str]:
+    """The URL of a server for ``recipe``: one started here for the run, or ``url`` (the
+    server the user runs; its recipe is what it serves, named by recipes.SERVED_MIN_P)."""
+    if url is not None:
+        if recipe not in SERVED_MIN_P:
+            raise ValueError(f"recipe {recipe!r} needs a server started for it; --url serves {sorted(SERVED_MIN_P)}")
+        yield url
+        return
+    with LaunchedServer(model, RECIPES[recipe], log_path=log_dir / f"server-{recipe}.log",
+                        startup_timeout=1800) as server:
+        yield server.url
+
+
+def run_points(points: Iterable[Point], results: ResultsFile, *, model: str, chat: ChatPrompts, size: Size,
+               log_dir: Path, url: str | None = None) -> None:
+    """Run the points not yet in ``results``, one server per recipe (or all on ``url``)."""
     todo = [p for p in points if not results.has("points", p.key)]
     by_recipe: dict[str, list[Point]] = {}
     for p in todo:
         by_recipe.setdefault(p.method.recipe, []).append(p)
-    chat = ChatPrompts(str(resolve(model)))
     for recipe, recipe_points in by_recipe.items():
         started = time.perf_counter()
-        with LaunchedServer(model, RECIPES[recipe], log_path=log_dir / f"server-{recipe}.log",
-                            startup_timeout=1800) as server:
+        with recipe_server(recipe, model, log_dir, url) as server_url:
             startup = time.perf_counter() - started
             print(f"recipe {recipe}: server ready in {startup:.0f} s", flush=True)
             for p in recipe_points:
-                record = run_point(server.url, chat, TASKS[p.task].problems(size.problems), p.method, size.n, p.key,
+                record = run_point(server_url, chat, p.task.problems(size.problems), p.method, size.n, p.key,
                                    size.max_tokens)
                 record["server_startup_seconds"] = startup
                 results.put("points", p.key, record)

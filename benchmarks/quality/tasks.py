@@ -1,12 +1,16 @@
 """Problem sets for the quality benchmark, generated offline by reasoning-gym with fixed seeds.
 
-Each task is scored by reasoning-gym's own scorer on the last number of a completion (all
-tasks here have integer answers). Prompts use the model's chat template, tokenized on the
-client so that FIRE's second request can continue from exact token ids.
+Each task is scored by reasoning-gym's own scorer on a completion's final answer: its last
+number where the dataset's answers are numbers (the built-in tasks), else its last non-empty
+line. ``--tasks`` takes the built-in names or any reasoning-gym dataset with an optional JSON
+config (``parse_task``). Prompts use the model's chat template, tokenized on the client so that
+FIRE's second request can continue from exact token ids.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -15,7 +19,9 @@ from typing import Any
 from esamp_sgl.models import chat_text
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-INSTRUCTION = "Answer with the final number at the end."
+WHOLE_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?\.?")
+NUMBER_INSTRUCTION = "Answer with the final number at the end."
+LINE_INSTRUCTION = "Give the final answer alone on the last line."
 
 
 @dataclass(frozen=True)
@@ -43,10 +49,17 @@ class Problem:
     dataset: Any = field(repr=False, compare=False)
 
     @property
+    def numeric(self) -> bool:
+        return WHOLE_NUMBER.fullmatch(str(self.entry["answer"]).strip()) is not None
+
+    @property
     def question(self) -> str:
-        return f"{self.entry['question']} {INSTRUCTION}"
+        return f"{self.entry['question']} {NUMBER_INSTRUCTION if self.numeric else LINE_INSTRUCTION}"
 
     def final_answer(self, completion: str) -> str | None:
+        if not self.numeric:
+            lines = [line.strip() for line in completion.splitlines() if line.strip()]
+            return lines[-1] if lines else None
         numbers = NUMBER.findall(completion)
         return numbers[-1].replace(",", "").rstrip(".") if numbers else None
 
@@ -62,17 +75,46 @@ TASKS: dict[str, Task] = {
 }
 
 
-class ChatPrompts:
-    """Chat-templated prompt token ids for one model (the server's own tokenizer files)."""
+def parse_task(spec: str) -> Task:
+    """A ``--tasks`` entry: a built-in name (TASKS), or a reasoning-gym dataset name with an
+    optional JSON config, ``chain_sum:{"min_terms": 3, "max_terms": 3}``. A configured task is
+    named after its dataset and a hash of its config, so its results and plots stay apart."""
+    name, _, config_text = spec.partition(":")
+    if not config_text and name in TASKS:
+        return TASKS[name]
+    from reasoning_gym.factory import DATASETS
 
-    def __init__(self, model_path: str) -> None:
-        self.model_path = model_path
+    if name not in DATASETS:
+        raise ValueError(f"--tasks: {name!r} is neither a built-in task ({', '.join(TASKS)}) nor a reasoning-gym "
+                         f"dataset (e.g. {', '.join(sorted(DATASETS)[:5])}, ...)")
+    try:
+        config = json.loads(config_text) if config_text else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--tasks: the config of {name!r} is not JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"--tasks: the config of {name!r} must be a JSON object, got {config_text!r}")
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:6]
+    return Task(f"{name}-{digest}" if config else name, name, config)
+
+
+BASE_MODEL_PROMPT = "Question: {}\nAnswer:"
+
+
+class ChatPrompts:
+    """Chat-templated prompt token ids for one model (its tokenizer files: a directory or a hub id)."""
+
+    def __init__(self, tokenizer_path: str) -> None:
+        self.tokenizer_path = tokenizer_path
 
     @cached_property
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.model_path)
+        return AutoTokenizer.from_pretrained(self.tokenizer_path)
 
     def ids(self, user_text: str) -> list[int]:
+        """A chat model's user turn; a base model (no chat template) gets ``BASE_MODEL_PROMPT``
+        after its BOS."""
+        if not self.tokenizer.chat_template:
+            return self.tokenizer(BASE_MODEL_PROMPT.format(user_text))["input_ids"]
         return self.tokenizer(chat_text(self.tokenizer, user_text), add_special_tokens=False)["input_ids"]

@@ -18,14 +18,10 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from esamp_sgl.launcher import LaunchedServer
-from esamp_sgl.models import resolve
-
 from ..results_io import run_metadata
 from .methods import Method, draw
 from .plans import esamp_method
-from .recipes import RECIPES
-from .run import ResultsFile
+from .run import ResultsFile, recipe_server
 from .tasks import ChatPrompts
 
 PROMPTS = (
@@ -95,25 +91,27 @@ def score_prompt(url: str, prompt_ids: list[int], texts: list[str], outputs: lis
             "distinct2": distinct_n(texts), "log_ppl": float(np.mean(np.log(ppl)))}
 
 
-def run_writing(model: str, recipe: str, path: Path, *, quick: bool, log_dir: Path) -> None:
-    prompts, n, max_tokens = (PROMPTS[:2], 4, 16) if quick else (PROMPTS, 8, MAX_TOKENS)
+def run_writing(model: str, recipe: str, path: Path, *, quick: bool, log_dir: Path, chat: ChatPrompts,
+                url: str | None = None, n: int | None = None) -> None:
+    """Every method's n continuations of each prompt, scored; on ``url`` if given (see recipe_server)."""
+    prompts, default_n, max_tokens = (PROMPTS[:2], 4, 16) if quick else (PROMPTS, 8, MAX_TOKENS)
+    n = n or default_n
     results = ResultsFile(path, {"model": model, "prompts": len(prompts), "n": n, "max_tokens": max_tokens})
     results.set_run(run_metadata())
     todo = [m for m in methods(recipe, quick) if not results.has("points", f"{m.recipe}/{m.key}")]
-    if todo:
-        chat = ChatPrompts(str(resolve(model)))
-        with LaunchedServer(model, RECIPES[recipe], log_path=log_dir / f"server-{recipe}.log",
-                            startup_timeout=1800) as server:
-            for method in todo:
-                start = time.perf_counter()
+    if not todo:
+        return
+    with recipe_server(recipe, model, log_dir, url) as server_url:
+        for method in todo:
+            start = time.perf_counter()
 
-                def one(i: int, method: Method = method) -> dict:
-                    ids = chat.ids(prompts[i])
-                    samples = draw(server.url, ids, method, [i * 1000 + j for j in range(n)], max_tokens)
-                    return score_prompt(server.url, ids, [s.text for s in samples], [s.output_ids for s in samples])
+            def one(i: int, method: Method = method) -> dict:
+                ids = chat.ids(prompts[i])
+                samples = draw(server_url, ids, method, [i * 1000 + j for j in range(n)], max_tokens)
+                return score_prompt(server_url, ids, [s.text for s in samples], [s.output_ids for s in samples])
 
-                with ThreadPoolExecutor(len(prompts)) as pool:
-                    per_prompt = list(pool.map(one, range(len(prompts))))
-                results.put("points", f"{method.recipe}/{method.key}",
-                            {"method": asdict(method), "seconds": time.perf_counter() - start, "prompts": per_prompt})
-                print(f"  writing {method.key}: {time.perf_counter() - start:.0f} s", flush=True)
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                per_prompt = list(pool.map(one, range(len(prompts))))
+            results.put("points", f"{method.recipe}/{method.key}",
+                        {"method": asdict(method), "seconds": time.perf_counter() - start, "prompts": per_prompt})
+            print(f"  writing {method.key}: {time.perf_counter() - start:.0f} s", flush=True)
