@@ -35,7 +35,7 @@ from esamp_sgl.base_prompts import BASE_PROMPTS
 from esamp_sgl.config import ESampConfig
 from esamp_sgl.distiller import PARAM_NAMES, DistillerBank
 from esamp_sgl.mix import novelty
-from esamp_sgl.models import cache_root, chat_text
+from esamp_sgl.models import adds_special_tokens, cache_root, chat_text
 
 SAMPLES_PER_PROMPT = 2
 MAX_NEW_TOKENS = 64
@@ -165,7 +165,8 @@ def collect_states(model_path: str | Path, cfg: ESampConfig, *, seed: int = 0, d
     device = "cuda" if torch.cuda.is_available() else "cpu"  # before the server owns the GPU
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=getattr(torch, dtype)).to(device).eval()
     texts = [chat_text(tokenizer, p) for p in BASE_PROMPTS]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    batch = tokenizer(texts, return_tensors="pt", padding=True,
+                      add_special_tokens=adds_special_tokens(tokenizer)).to(device)
     torch.manual_seed(seed)
     out = model.generate(**batch, do_sample=True, temperature=0.8, max_new_tokens=MAX_NEW_TOKENS,
                          num_return_sequences=SAMPLES_PER_PROMPT, pad_token_id=tokenizer.pad_token_id)

@@ -270,7 +270,20 @@ def _tiny_tokenizer(vocab: int):
     )
 
 
+BASE_MODEL_PROMPT = "Question: {}\nAnswer:"
+
+
 def chat_text(tokenizer, user_text: str) -> str:
-    """One user turn in the model's chat template, ready for the assistant's reply."""
+    """One user turn in the model's chat template, ready for the assistant's reply; a base model
+    (no chat template, e.g. gemma3-270m) gets BASE_MODEL_PROMPT instead. Tokenize it with
+    ``add_special_tokens=adds_special_tokens(tokenizer)``."""
+    if not tokenizer.chat_template:
+        return BASE_MODEL_PROMPT.format(user_text)
     return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
                                          add_generation_prompt=True)
+
+
+def adds_special_tokens(tokenizer) -> bool:
+    """Whether chat_text's output still needs the tokenizer's special tokens (BOS): a chat
+    template writes them into the text itself, BASE_MODEL_PROMPT does not."""
+    return not tokenizer.chat_template

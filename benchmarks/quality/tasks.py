@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from esamp_sgl.models import chat_text
+from esamp_sgl.models import adds_special_tokens, chat_text
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 WHOLE_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?\.?")
@@ -97,9 +97,6 @@ def parse_task(spec: str) -> Task:
     return Task(f"{name}-{digest}" if config else name, name, config)
 
 
-BASE_MODEL_PROMPT = "Question: {}\nAnswer:"
-
-
 class ChatPrompts:
     """Chat-templated prompt token ids for one model (its tokenizer files: a directory or a hub id)."""
 
@@ -113,8 +110,6 @@ class ChatPrompts:
         return AutoTokenizer.from_pretrained(self.tokenizer_path)
 
     def ids(self, user_text: str) -> list[int]:
-        """A chat model's user turn; a base model (no chat template) gets ``BASE_MODEL_PROMPT``
-        after its BOS."""
-        if not self.tokenizer.chat_template:
-            return self.tokenizer(BASE_MODEL_PROMPT.format(user_text))["input_ids"]
-        return self.tokenizer(chat_text(self.tokenizer, user_text), add_special_tokens=False)["input_ids"]
+        """A chat model's user turn, or a base model's question (models.chat_text)."""
+        text = chat_text(self.tokenizer, user_text)
+        return self.tokenizer(text, add_special_tokens=adds_special_tokens(self.tokenizer))["input_ids"]
