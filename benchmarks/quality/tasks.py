@@ -19,7 +19,7 @@ from typing import Any
 from esamp_sgl.models import adds_special_tokens, chat_text
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-WHOLE_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?\.?")
+WHOLE_NUMBER = re.compile(NUMBER.pattern + r"\.?")  # an answer that is one number
 NUMBER_INSTRUCTION = "Answer with the final number at the end."
 LINE_INSTRUCTION = "Give the final answer alone on the last line."
 
