@@ -1,5 +1,6 @@
 """ESamp inside a real SGLang server on CPU (tiny model and SmolLM2), against a plain server of
-the same build (`--no-esamp`). Servers run one after another: each busy-polls a core."""
+the same build (`--no-esamp`) and, for SmolLM2, transformers. Servers run one after another:
+each busy-polls a core."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import launch, start_server
 from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore, gen, lm_head_weight, post
@@ -21,6 +23,7 @@ from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore
 
 # "tiny-graph": the decode step in the form SGLang's CUDA graphs replay, run eagerly on CPU
 # (--esamp-decode-path graph), held to the same expectations as the eager form.
+CHAT_PROMPTS = ["What is 7 + 5?", "Name a color of the sky.", "Write the word hello twice."]
 DECODE_PATH_FLAGS = {"tiny": (), "tiny-graph": ("--esamp-decode-path", "graph"), "smollm2": ()}
 
 
@@ -29,12 +32,17 @@ def model(request, tiny_model_path, smollm2_path) -> tuple[str, Path]:
     return request.param, smollm2_path if request.param == "smollm2" else tiny_model_path
 
 
+_PLAIN_GREEDY: dict[Path, dict[str, list[int]]] = {}  # per model: tiny and tiny-graph share one plain server
+
+
 @pytest.fixture(scope="module")
 def plain_greedy(model) -> dict[str, list[int]]:
     """Greedy output ids of a plain SGLang server (same build, ESamp off), one prompt at a time."""
     name, path = model
-    with start_server(path, f"plain-{name}", "--no-esamp") as server:
-        return {p: gen(server, p, **GREEDY)["output_ids"] for p in PROMPTS}
+    if path not in _PLAIN_GREEDY:
+        with start_server(path, f"plain-{name}", "--no-esamp") as server:
+            _PLAIN_GREEDY[path] = {p: gen(server, p, **GREEDY)["output_ids"] for p in PROMPTS}
+    return _PLAIN_GREEDY[path]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +87,40 @@ def test_beta_zero_and_plain_requests_match_plain_sglang(server, plain_greedy):
         assert gen(server, prompt, **GREEDY)["output_ids"] == plain_greedy[prompt]
         assert gen(server, prompt, **GREEDY, **explore(0.0))["output_ids"] == plain_greedy[prompt]
         assert "esamp" not in gen(server, prompt, **GREEDY, **explore(0.0))["meta_info"]
+
+
+def test_plain_greedy_matches_transformers_token_for_token(server, model):
+    """SGLang itself, served through esamp-sgl, against transformers on the real pretrained model."""
+    name, path = model
+    if name != "smollm2":
+        pytest.skip("greedy parity with transformers is checked on the real pretrained model")
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt in CHAT_PROMPTS:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        ids = tok(text).input_ids
+        out = post(server, "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 16,
+                                                                               "temperature": 0}}).json()
+        with torch.no_grad():
+            hf_ids = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+        # Both stop at EOS; compare the tokens both produced (EOS included).
+        n = min(len(out["output_ids"]), len(hf_ids))
+        served_ids, hf_ids = out["output_ids"][:n], hf_ids[:n]
+        assert n >= 8
+        if served_ids == hf_ids:
+            continue
+        step = next(i for i, (a, b) in enumerate(zip(served_ids, hf_ids)) if a != b)
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids + hf_ids[:step]])).logits[0, -1]
+        top2 = logits.topk(2).values
+        assert float(top2[0] - top2[1]) < 1e-3, f"{prompt!r} step {step}: served {served_ids} vs hf {hf_ids}"
+
+
+def test_shared_prefix_is_reused_from_the_radix_cache(server):
+    prefix = "You are a careful assistant. Count slowly and explain every step. " * 4
+    first = gen(server, prefix + "First question.", max_new_tokens=2)
+    second = gen(server, prefix + "Second question.", max_new_tokens=2, **explore(0.5))
+    assert second["meta_info"]["cached_tokens"] >= first["meta_info"]["prompt_tokens"] // 2
 
 
 def test_plain_rows_batched_with_exploring_rows_are_unchanged(server, plain_greedy):
@@ -210,14 +252,17 @@ def fuzz_server(server, model):
 
 @settings(max_examples=40, deadline=None)
 @given(custom_params=CUSTOM_PARAMS, endpoint=st.sampled_from(["/generate", "/v1/completions"]))
+@example(custom_params=float("inf"), endpoint="/generate")
+@example(custom_params={"esamp": {"beta": float("nan")}}, endpoint="/v1/completions")
 def test_arbitrary_custom_params_get_200_or_4xx(fuzz_server, custom_params, endpoint):
     """Whatever a client sends as custom_params: an answer within a bound, never a 5xx or a hang
-    (NaN and ±inf travel as the non-standard JSON tokens requests writes for them)."""
+    (NaN and ±inf travel as the non-standard JSON tokens Python's json writes for them)."""
     if endpoint == "/generate":
         body = {"text": "x", "sampling_params": {"max_new_tokens": 2, "custom_params": custom_params}}
     else:
         body = {"model": "default", "prompt": "x", "max_tokens": 2, "custom_params": custom_params}
-    resp = requests.post(fuzz_server.url + endpoint, json=body, timeout=60)
+    resp = requests.post(fuzz_server.url + endpoint, data=json.dumps(body), timeout=60,
+                         headers={"Content-Type": "application/json"})  # requests' json= refuses NaN
     assert resp.status_code == 200 or 400 <= resp.status_code < 500, (resp.status_code, resp.text[:300])
 
 

@@ -1,10 +1,12 @@
 """``esamp-sgl bench quality --quick`` end to end on the tiny model: real servers (an SVD-init
-recipe, a base-distiller recipe, one with a β schedule and one with the learned mix), saved points, resumption, the report and its plots."""
+recipe, a base-distiller recipe with a β schedule, and the learned mix, whose server the frontier
+and writing stages reuse), saved points, resumption, the report and its plots."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ BENCH = [sys.executable, "-m", "esamp_sgl.cli", "bench", "quality"]
 def _bench(tiny_model_path: Path, results: Path, *stages: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = [*stages, "--quick", "--model", str(tiny_model_path), "--tasks", "products", "--recipes", "svd",
-            "--tune-recipes", "base-post-halflife16", "--learned-recipes", "base-learned-lr5e-2", "--finalists", "base",
+            "--tune-recipes", "base-post-halflife16", "--learned-recipes", "base-learned-lr5e-2", "--finalists", "base-learned-lr5e-2",
             "--results-dir", str(results)]
     return subprocess.run(BENCH + args, env=env, capture_output=True, text=True, timeout=900)
 
@@ -32,6 +34,9 @@ def test_quick_benchmark_runs_every_stage_and_resumes(tiny_model_path: Path, tmp
     (results / "README.md").write_text("# benchmarks\n")
     run = _bench(tiny_model_path, results)
     assert run.returncode == 0, run.stderr[-4000:]
+    started = re.findall(r"recipe (\S+): server ready in (\d+) s", run.stdout)
+    assert [r for r, s in started if s != "0"] == ["svd", "base-post-halflife16", "base-learned-lr5e-2"]
+    assert ("base-learned-lr5e-2", "0") in started  # the frontier stage kept the learned stage's server
 
     screen = json.loads((results / "quality_screen_quick.json").read_text())
     assert set(screen["points"]) == {"chain_sum/svd/plain-T0.8", "chain_sum/svd/svd-T0.8-b1"}
@@ -47,7 +52,7 @@ def test_quick_benchmark_runs_every_stage_and_resumes(tiny_model_path: Path, tmp
     assert set(learned["points"]) == {"chain_sum/base-learned-lr5e-2/plain-T0.8",
                                       "chain_sum/base-learned-lr5e-2/base-learned-lr5e-2-T0.8-b1"}
     frontier = json.loads((results / "quality_frontier_quick.json").read_text())
-    assert {p["method"]["family"] for p in frontier["points"].values()} == {"plain", "fire", "base"}
+    assert {p["method"]["family"] for p in frontier["points"].values()} == {"plain", "fire", "base-learned-lr5e-2"}
     assert "bench quality" in frontier["run"]["command"]
     writing = json.loads((results / "quality_writing_quick.json").read_text())
     for point in writing["points"].values():

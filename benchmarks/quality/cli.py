@@ -22,7 +22,7 @@ from esamp_sgl.server_check import check_esamp_active, esamp_states
 from ..results_io import RESULTS_DIR, run_metadata
 from . import plans
 from .recipes import LEARNED_RECIPES, RECIPES, SCREEN_RECIPES, TUNE_RECIPES
-from .run import ResultsFile, run_points
+from .run import RecipeServers, ResultsFile, run_points
 from .tasks import TASKS, ChatPrompts, parse_task
 
 STAGES = ("screen", "tune", "learned", "frontier", "writing", "report")
@@ -107,30 +107,29 @@ def main(argv: list[str] | None = None) -> int:
     chat = ChatPrompts(args.tokenizer or tokenizer)
     results_dir = args.results_dir or default_results_dir(args.url)
     suffix = "_quick" if args.quick else ""
-    log_dir = results_dir / "logs"
     overrides = {k: v for k, v in (("problems", args.problems), ("n", args.n), ("max_tokens", args.max_tokens)) if v}
-    for stage in args.stages or (URL_STAGES if args.url else STAGES):
-        path = results_dir / f"quality_{stage}{suffix}.json"
-        if stage in ("screen", "tune", "learned", "frontier"):
-            size = replace(plans.SIZES[(stage, args.quick)], **overrides)
-            betas = plans.LEARNED_BETAS if stage == "learned" else (1.0,)
-            points = (plans.frontier_points(tasks, finalists, args.quick) if stage == "frontier"
-                      else plans.screen_points(recipes[stage], args.quick, min_p_control=stage == "tune", betas=betas))
-            settings = {"model": model, **asdict(size)} | ({"url": args.url} if args.url else {})
-            results = ResultsFile(path, settings)
-            results.set_run(run_metadata())
-            run_points(points, results, model=model, chat=chat, size=size, log_dir=log_dir, url=args.url)
-        elif stage == "writing":
-            from .writing import run_writing
+    with RecipeServers(model, results_dir / "logs", args.url) as servers:
+        for stage in args.stages or (URL_STAGES if args.url else STAGES):
+            path = results_dir / f"quality_{stage}{suffix}.json"
+            if stage in ("screen", "tune", "learned", "frontier"):
+                size = replace(plans.SIZES[(stage, args.quick)], **overrides)
+                betas = plans.LEARNED_BETAS if stage == "learned" else (1.0,)
+                points = (plans.frontier_points(tasks, finalists, args.quick) if stage == "frontier"
+                          else plans.screen_points(recipes[stage], args.quick, min_p_control=stage == "tune", betas=betas))
+                settings = {"model": model, **asdict(size)} | ({"url": args.url} if args.url else {})
+                results = ResultsFile(path, settings)
+                results.set_run(run_metadata())
+                run_points(points, results, servers=servers, chat=chat, size=size)
+            elif stage == "writing":
+                from .writing import run_writing
 
-            run_writing(model, finalists[0], path, quick=args.quick, log_dir=log_dir, chat=chat, url=args.url,
-                        n=args.n)
-        else:
-            from .report import write_report
+                run_writing(model, finalists[0], path, quick=args.quick, servers=servers, chat=chat, n=args.n)
+            else:
+                from .report import write_report
 
-            readme = results_dir.parent / "README.md" if results_dir == RESULTS_DIR else results_dir / "README.md"
-            if not readme.is_file():
-                readme.parent.mkdir(parents=True, exist_ok=True)
-                readme.write_text(f"# ESamp quality: {model}\n")
-            write_report(results_dir, suffix, readme=readme)
+                readme = results_dir.parent / "README.md" if results_dir == RESULTS_DIR else results_dir / "README.md"
+                if not readme.is_file():
+                    readme.parent.mkdir(parents=True, exist_ok=True)
+                    readme.write_text(f"# ESamp quality: {model}\n")
+                write_report(results_dir, suffix, readme=readme)
     return 0

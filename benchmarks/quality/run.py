@@ -3,16 +3,16 @@
 A point is (task, method); its record holds, per problem, every sample's final answer,
 correctness, token count and ESamp novelty. Points already in the results file are skipped,
 so an interrupted run continues where it stopped. Points are grouped by the server recipe
-they need, and each recipe's server is started once — or, with ``--url``, every point runs on
-the server already there (recipe_server).
+they need, and a recipe's server is started once and kept into the next stage while that stage
+wants the same recipe — or, with ``--url``, every point runs on the server already there
+(RecipeServers).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,35 +99,56 @@ def run_point(url: str, chat: ChatPrompts, problems: list[Problem], method: Meth
     return {"method": asdict(method), "seconds": time.perf_counter() - start, "problems": records}
 
 
-@contextmanager
-def recipe_server(recipe: str, model: str, log_dir: Path, url: str | None = None) -> Iterator[str]:
-    """The URL of a server for ``recipe``: one started here for the run, or ``url`` (the
-    server the user runs; its recipe is what it serves, named by recipes.SERVED_MIN_P)."""
-    if url is not None:
-        if recipe not in SERVED_MIN_P:
-            raise ValueError(f"recipe {recipe!r} needs a server started for it; --url serves {sorted(SERVED_MIN_P)}")
-        yield url
-        return
-    with LaunchedServer(model, RECIPES[recipe], log_path=log_dir / f"server-{recipe}.log",
-                        startup_timeout=1800) as server:
-        yield server.url
+class RecipeServers:
+    """The server for each recipe, one alive at a time: started on first use and kept until a
+    different recipe is asked for, so stages that run the same recipe share one startup. With
+    ``url``, the server the user runs stands for the recipe it serves (recipes.SERVED_MIN_P)."""
+
+    def __init__(self, model: str, log_dir: Path, url: str | None = None) -> None:
+        self.model, self.log_dir, self.url = model, log_dir, url
+        self.recipe: str | None = None
+        self._server: LaunchedServer | None = None
+
+    def url_for(self, recipe: str) -> tuple[str, float]:
+        """(URL, seconds spent starting it now: 0 when it was already up)."""
+        if self.url is not None:
+            if recipe not in SERVED_MIN_P:
+                raise ValueError(f"recipe {recipe!r} needs a server started for it; --url serves {sorted(SERVED_MIN_P)}")
+            return self.url, 0.0
+        if recipe != self.recipe:
+            self.close()
+            started = time.perf_counter()
+            self._server = LaunchedServer(self.model, RECIPES[recipe], log_path=self.log_dir / f"server-{recipe}.log",
+                                          startup_timeout=1800)
+            self.recipe = recipe
+            return self._server.url, time.perf_counter() - started
+        return self._server.url, 0.0
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+        self._server, self.recipe = None, None
+
+    def __enter__(self) -> "RecipeServers":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def run_points(points: Iterable[Point], results: ResultsFile, *, model: str, chat: ChatPrompts, size: Size,
-               log_dir: Path, url: str | None = None) -> None:
-    """Run the points not yet in ``results``, one server per recipe (or all on ``url``)."""
+def run_points(points: Iterable[Point], results: ResultsFile, *, servers: RecipeServers, chat: ChatPrompts,
+               size: Size) -> None:
+    """Run the points not yet in ``results``, grouped by recipe: the recipe already served first."""
     todo = [p for p in points if not results.has("points", p.key)]
     by_recipe: dict[str, list[Point]] = {}
-    for p in todo:
+    for p in sorted(todo, key=lambda p: p.method.recipe != servers.recipe):  # stable: otherwise in order
         by_recipe.setdefault(p.method.recipe, []).append(p)
     for recipe, recipe_points in by_recipe.items():
-        started = time.perf_counter()
-        with recipe_server(recipe, model, log_dir, url) as server_url:
-            startup = time.perf_counter() - started
-            print(f"recipe {recipe}: server ready in {startup:.0f} s", flush=True)
-            for p in recipe_points:
-                record = run_point(server_url, chat, p.task.problems(size.problems), p.method, size.n, p.key,
-                                   size.max_tokens)
-                record["server_startup_seconds"] = startup
-                results.put("points", p.key, record)
-                print(f"  {p.key}: {record['seconds']:.0f} s", flush=True)
+        server_url, startup = servers.url_for(recipe)
+        print(f"recipe {recipe}: server ready in {startup:.0f} s", flush=True)
+        for p in recipe_points:
+            record = run_point(server_url, chat, p.task.problems(size.problems), p.method, size.n, p.key,
+                               size.max_tokens)
+            record["server_startup_seconds"] = startup
+            results.put("points", p.key, record)
+            print(f"  {p.key}: {record['seconds']:.0f} s", flush=True)

@@ -21,7 +21,7 @@ import requests
 from ..results_io import run_metadata
 from .methods import Method, draw
 from .plans import esamp_method
-from .run import ResultsFile, recipe_server
+from .run import RecipeServers, ResultsFile
 from .tasks import ChatPrompts
 
 PROMPTS = (
@@ -91,9 +91,9 @@ def score_prompt(url: str, prompt_ids: list[int], texts: list[str], outputs: lis
             "distinct2": distinct_n(texts), "log_ppl": float(np.mean(np.log(ppl)))}
 
 
-def run_writing(model: str, recipe: str, path: Path, *, quick: bool, log_dir: Path, chat: ChatPrompts,
-                url: str | None = None, n: int | None = None) -> None:
-    """Every method's n continuations of each prompt, scored; on ``url`` if given (see recipe_server)."""
+def run_writing(model: str, recipe: str, path: Path, *, quick: bool, servers: RecipeServers, chat: ChatPrompts,
+                n: int | None = None) -> None:
+    """Every method's n continuations of each prompt, scored, on ``recipe``'s server."""
     prompts, default_n, max_tokens = (PROMPTS[:2], 4, 16) if quick else (PROMPTS, 8, MAX_TOKENS)
     n = n or default_n
     results = ResultsFile(path, {"model": model, "prompts": len(prompts), "n": n, "max_tokens": max_tokens})
@@ -101,17 +101,17 @@ def run_writing(model: str, recipe: str, path: Path, *, quick: bool, log_dir: Pa
     todo = [m for m in methods(recipe, quick) if not results.has("points", f"{m.recipe}/{m.key}")]
     if not todo:
         return
-    with recipe_server(recipe, model, log_dir, url) as server_url:
-        for method in todo:
-            start = time.perf_counter()
+    server_url, _ = servers.url_for(recipe)
+    for method in todo:
+        start = time.perf_counter()
 
-            def one(i: int, method: Method = method) -> dict:
-                ids = chat.ids(prompts[i])
-                samples = draw(server_url, ids, method, [i * 1000 + j for j in range(n)], max_tokens)
-                return score_prompt(server_url, ids, [s.text for s in samples], [s.output_ids for s in samples])
+        def one(i: int, method: Method = method) -> dict:
+            ids = chat.ids(prompts[i])
+            samples = draw(server_url, ids, method, [i * 1000 + j for j in range(n)], max_tokens)
+            return score_prompt(server_url, ids, [s.text for s in samples], [s.output_ids for s in samples])
 
-            with ThreadPoolExecutor(len(prompts)) as pool:
-                per_prompt = list(pool.map(one, range(len(prompts))))
-            results.put("points", f"{method.recipe}/{method.key}",
-                        {"method": asdict(method), "seconds": time.perf_counter() - start, "prompts": per_prompt})
-            print(f"  writing {method.key}: {time.perf_counter() - start:.0f} s", flush=True)
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            per_prompt = list(pool.map(one, range(len(prompts))))
+        results.put("points", f"{method.recipe}/{method.key}",
+                    {"method": asdict(method), "seconds": time.perf_counter() - start, "prompts": per_prompt})
+        print(f"  writing {method.key}: {time.perf_counter() - start:.0f} s", flush=True)
