@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ def run_metadata() -> dict:
     from importlib.metadata import version
 
     script = sys.argv[0].endswith(".py")
-    argv = [".venv/bin/python", *sys.argv] if script else [Path(sys.argv[0]).name, *sys.argv[1:]]
+    argv = ([".venv/bin/python", os.path.relpath(sys.argv[0]), *sys.argv[1:]] if script
+            else [Path(sys.argv[0]).name, *sys.argv[1:]])
     return {
         "command": " ".join(argv),
         "versions": {name: version(name) for name in ("esamp-sgl", "sglang", "torch", "transformers")},

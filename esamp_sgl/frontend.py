@@ -28,7 +28,7 @@ import sglang
 from sglang.lang import api, interpreter, ir
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
-from esamp_sgl.params import check_beta
+from esamp_sgl.params import check_beta, check_group
 
 _run_default: contextvars.ContextVar[float | None] = contextvars.ContextVar("esamp_run_explore", default=None)
 _GROUP_ATTR = "esamp_group"
@@ -50,8 +50,8 @@ def gen(name: str | None = None, *args: Any, explore: float | None = None, explo
         backend = sglang.global_config.default_backend
         if backend is not None:
             _check_against_server(backend, explore)
-    if explore_group is not None and (not isinstance(explore_group, str) or not explore_group):
-        raise ValueError(f"explore_group must be a non-empty string, got {explore_group!r}")
+    if explore_group is not None:
+        check_group(explore_group, name="explore_group")
     expr = _original_gen(name, *args, **kwargs)
     if explore is not None or explore_group is not None:
         if not isinstance(expr, ir.SglGen):

@@ -222,6 +222,11 @@ def write_tiny_model(path: Path, *, arch: str = "llama", layers: int = 4, hidden
                                         "vocab": len(tokenizer), "seed": seed})
 
 
+def default_tiny_model() -> Path:
+    """The project's tiny random Llama for mechanics (tests, the soak), written once into the cache."""
+    return write_tiny_model(cache_root() / "models" / "tiny-llama-v520")
+
+
 def _tiny_family_model(arch: str, common: dict, hidden: int, final_logit_softcapping: float):
     """A randomly initialized transformers model of family ``arch`` (see write_tiny_model)."""
     import transformers as tf

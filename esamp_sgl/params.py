@@ -37,6 +37,17 @@ def check_beta(value: Any, max_beta: float, name: str = "esamp.beta") -> float:
     return beta
 
 
+MAX_GROUP_CHARS = 256
+
+
+def check_group(value: Any, name: str = "esamp.group") -> str:
+    """A non-empty string of at most MAX_GROUP_CHARS characters (any characters), or a ValueError naming ``name``."""
+    if not isinstance(value, str) or not value or len(value) > MAX_GROUP_CHARS:
+        raise ValueError(f"{name} must be a non-empty string of at most {MAX_GROUP_CHARS} characters, "
+                         f"got {value!r:.80}")
+    return value
+
+
 def parse(custom_params: dict[str, Any] | None, max_beta: float) -> ExploreParams:
     """ExploreParams from a request's custom_params; no ``esamp`` entry means plain sampling.
     custom_params that is not an object (SGLang types it as one but only checks on its OpenAI
@@ -57,8 +68,8 @@ def parse(custom_params: dict[str, Any] | None, max_beta: float) -> ExploreParam
         raise ValueError(f"custom_params.{KEY} has unknown field(s) {unknown}; known: {list(FIELDS)}")
     beta = check_beta(raw.get("beta", 0.0), max_beta)
     group = raw.get("group")
-    if group is not None and (not isinstance(group, str) or not group or len(group) > 256):
-        raise ValueError(f"esamp.group must be a non-empty string of at most 256 characters, got {group!r}")
+    if group is not None:
+        check_group(group)
     seed = raw.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise ValueError(f"esamp.seed must be a non-negative integer, got {seed!r}")

@@ -39,6 +39,35 @@ def validate_request(result: None, sampling_params: Any, *args: Any, **kwargs: A
     esamp_params.parse(sampling_params.custom_params, _cfg.max_beta)
 
 
+def refuse_bad_explore_in_body(result: str | None, body: Any, *args: Any, **kwargs: Any) -> str | None:
+    """AFTER api_contract.generate_contract_error (SGLang 0.5.23): /generate's check of the raw
+    body, made before a streaming response starts. A bad ``esamp`` entry is thus an HTTP 400 on
+    streaming requests too; SamplingParams.verify runs inside the stream, where an error can only
+    be a chunk of a 200. Single and batch bodies (sampling_params an object or a list)."""
+    if result is not None or not isinstance(body, dict):
+        return None
+    sampling = body.get("sampling_params")
+    for sp in sampling if isinstance(sampling, list) else [sampling]:
+        if isinstance(sp, dict) and "custom_params" in sp:
+            if (error := _explore_error(sp["custom_params"])) is not None:
+                return error
+    return None
+
+
+def refuse_bad_explore_openai(result: str | None, serving: Any, request: Any, *args: Any, **kwargs: Any) -> str | None:
+    """AFTER OpenAIServingCompletion/OpenAIServingChat._validate_request (SGLang 0.5.23): the
+    same check on the OpenAI endpoints, before a streaming response starts (an HTTP 400)."""
+    return _explore_error(getattr(request, "custom_params", None)) if result is None else None
+
+
+def _explore_error(custom_params: Any) -> str | None:
+    try:
+        esamp_params.parse(custom_params, _cfg.max_beta)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def assign_default_group(tokenized: Any, *args: Any, **kwargs: Any) -> None:
     """AFTER TokenizerManager._create_tokenized_object (SGLang 0.5.23), once per prompt.
 

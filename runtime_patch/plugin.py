@@ -18,6 +18,11 @@ from runtime_patch import hooks
 
 MAIN_PROCESS_HOOKS = (
     ("sglang.srt.sampling.sampling_params.SamplingParams.verify", hooks.validate_request, "AFTER"),
+    ("sglang.srt.entrypoints.api_contract.generate_contract_error", hooks.refuse_bad_explore_in_body, "AFTER"),
+    ("sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._validate_request",
+     hooks.refuse_bad_explore_openai, "AFTER"),
+    ("sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._validate_request",
+     hooks.refuse_bad_explore_openai, "AFTER"),
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager._create_tokenized_object",
      hooks.assign_default_group, "AFTER"),
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info",

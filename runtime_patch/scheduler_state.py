@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -36,9 +36,11 @@ TOKEN_KEY = "esamp_token"  # per-token customized_info key; summarized into meta
 SEEDS_ATTR = "esamp_seeds"  # set on a batch's SamplingBatchInfo: per-row esamp.seed for the sampler
 # Fault injection for tests (off unless the variable is set): the ESamp parts it names ("mix",
 # "graph_step") raise in every step that has a row of a group whose name starts with
-# FAULT_GROUP_PREFIX.
+# FAULT_GROUP_PREFIX; "nonfinite" turns the training inputs of rows of groups named
+# NONFINITE_GROUP_PREFIX... into NaN (their mix is computed first, from the real states).
 FAULTS_ENV = "ESAMP_SGL_TEST_FAULTS"
 FAULT_GROUP_PREFIX = "esamp-test-fault"
+NONFINITE_GROUP_PREFIX = "esamp-test-nonfinite"
 
 
 @dataclass
@@ -128,7 +130,7 @@ class SchedulerState:
         lane_cls = CudaStreamLane if self.device.type == "cuda" else DeferredLane
         self.lane = lane_cls(self.bank, self.cfg.staleness)
         self.slots = SlotTable(self.cfg.max_groups, ttl=self.cfg.group_ttl)
-        self.metrics = metrics_if_enabled(list(self.report()))
+        self.metrics = metrics_if_enabled([k for k, v in self.report().items() if isinstance(v, (int, float))])
         self._faults = frozenset(filter(None, os.environ.get(FAULTS_ENV, "").split(",")))
 
     @contextmanager
@@ -157,6 +159,18 @@ class SchedulerState:
         if part in self._faults and self.current is not None and any(
                 g is not None and g.startswith(FAULT_GROUP_PREFIX) for g in self.current.group):
             raise RuntimeError(f"ESamp test fault in {part}")
+
+    def training_inputs(self, x: torch.Tensor, groups: list) -> torch.Tensor:
+        """``x`` as training receives it: unchanged, unless FAULTS_ENV names "nonfinite" and a
+        row's group is a NONFINITE_GROUP_PREFIX one (then that row is NaN)."""
+        if "nonfinite" not in self._faults:
+            return x
+        rows = [i for i, g in enumerate(groups) if g is not None and g.startswith(NONFINITE_GROUP_PREFIX)]
+        if not rows:
+            return x
+        x = x.clone()
+        x[rows] = float("nan")
+        return x
 
     # --- per batch -----------------------------------------------------------------------------
 
@@ -211,9 +225,12 @@ class SchedulerState:
         try:
             slot, fresh = self.slots.acquire(group)
         except NoFreeSlot:
+            # Plain for the request's whole life (its seed still applies): were it to ask again
+            # each step, a slot freed midway would mix only its later tokens.
             self.counters.refused_no_slot += 1
             logger.warning("ESamp: no free group slot for request %s; it samples plain", req.rid)
-            return None
+            self.requests[req.rid] = known = ExploringRequest(replace(params, beta=0.0), None, -1)
+            return known
         if fresh:
             self.lane.reset_slots(to_device([slot], torch.int64, self.device))
             self.counters.groups_created += 1
@@ -278,7 +295,7 @@ class SchedulerState:
         h_mix, h_hat, novelty = distill_and_mix(self.lane.forward_params, x, h,
                                                 to_device(slot.clamp_min(0), torch.int64, self.device),
                                                 step.beta, self.cfg.mix, groups, start=self.bank.template)
-        self.lane.submit(x, h, slot, step.owner)
+        self.lane.submit(self.training_inputs(x, step.group), h, slot, step.owner)
         out = hidden.clone()
         out.index_copy_(0, rows, h_mix)
         self.counters.steps += 1
@@ -380,7 +397,8 @@ class SchedulerState:
             return output
         n = len(step.slot)
         snap = self.graph_rows.rows(n)
-        self.lane.submit(snap.x, snap.h, torch.tensor(step.slot, dtype=torch.int64), step.owner)
+        self.lane.submit(self.training_inputs(snap.x, step.group), snap.h, torch.tensor(step.slot, dtype=torch.int64),
+                         step.owner)
         if self.cfg.filter_mode == "post":
             if amateur is None:
                 self.counters.amateur_second_pass += 1

@@ -23,14 +23,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from esamp_sgl.launcher import LaunchedServer
-from esamp_sgl.models import cache_root, resolve, write_tiny_model
+from esamp_sgl.models import cache_root, default_tiny_model, resolve, write_tiny_model
 
 LOG_DIR = Path(__file__).parent / ".logs"
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
-    return write_tiny_model(cache_root() / "models" / "tiny-llama-v520")
+    return default_tiny_model()
 
 
 @pytest.fixture(scope="session")

@@ -55,6 +55,14 @@ def server(model, plain_greedy):
                       *DECODE_PATH_FLAGS[name])
 
 
+@pytest.fixture(scope="module")
+def tiny_server(server, model):
+    """The tiny model's eager server: mechanics that need checking once, not per model."""
+    if model[0] != "tiny":
+        pytest.skip("runs once, on the tiny model's eager server")
+    return server
+
+
 def test_tokens_are_the_argmax_of_the_recomputed_mix(server, model, plain_greedy):
     W = lm_head_weight(model[1])
     out = gen(server, PROMPTS[0], **GREEDY, **explore(1.0, debug=True))
@@ -213,12 +221,53 @@ def test_server_survives_an_abort_mid_generation(server):
     for _ in range(3):
         next(lines)
     resp.close()  # the client goes away: SGLang aborts the request
-    deadline = time.monotonic() + 60
-    while esamp_stats(server)["requests_exploring"] and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert esamp_stats(server)["requests_exploring"] == 0
+    assert wait_until_no_request_explores(server) == 0
     after = gen(server, PROMPTS[1], max_new_tokens=3, ignore_eos=True, **explore(0.5))
     assert after["meta_info"]["esamp"]["tokens_mixed"] == 3
+
+
+def wait_until_no_request_explores(server, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while (exploring := esamp_stats(server)["requests_exploring"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return exploring
+
+
+def test_aborting_one_fork_leaves_its_siblings_exploring(tiny_server):
+    server = tiny_server
+    group = "abort-one-fork"
+
+    def fork(rid: str, tokens: int):
+        return post(server, "/generate", {"text": PROMPTS[0], "rid": rid, "sampling_params": {
+            "temperature": 1.0, "max_new_tokens": tokens, "ignore_eos": True, **explore(1.0, group=group)}}, ok=False)
+
+    with ThreadPoolExecutor(3) as pool:
+        doomed = pool.submit(fork, "fork-doomed", 1500)
+        siblings = [pool.submit(fork, f"fork-{i}", 400) for i in range(2)]
+        time.sleep(0.5)
+        assert not any(f.done() for f in siblings)  # the abort lands while the siblings decode
+        requests.post(server.url + "/abort_request", json={"rid": "fork-doomed"}, timeout=30)
+        doomed, siblings = doomed.result(), [f.result().json() for f in siblings]
+    assert "abort" in doomed.text.lower()
+    for out in siblings:
+        meta = out["meta_info"]
+        assert meta["completion_tokens"] == meta["esamp"]["tokens_mixed"] == 400 and meta["esamp"]["group"] == group
+    assert wait_until_no_request_explores(server) == 0
+
+
+@pytest.mark.parametrize("stop", ["max_new_tokens", "stop_token_ids", "stop"])
+def test_a_request_that_stops_at_its_first_token(tiny_server, stop):
+    server = tiny_server
+    """β small enough that greedy keeps its first token, which then ends the request at once."""
+    sampling = {"temperature": 0, "max_new_tokens": 8, **explore(1e-4)}
+    first = gen(server, PROMPTS[1], **{**sampling, "max_new_tokens": 1})
+    sampling |= {"max_new_tokens": {"max_new_tokens": 1}, "stop_token_ids": {"stop_token_ids": first["output_ids"]},
+                 "stop": {"stop": [first["text"]]}}[stop]
+    assert first["text"].strip()
+    out = gen(server, PROMPTS[1], **sampling)
+    assert out["meta_info"]["completion_tokens"] == out["meta_info"]["esamp"]["tokens_mixed"] == 1
+    assert wait_until_no_request_explores(server) == 0
+    assert gen(server, PROMPTS[2], **GREEDY, **explore(0.5))["meta_info"]["esamp"]["tokens_mixed"] == N_TOKENS
 
 
 def test_seeded_requests_are_reproducible(server):
@@ -243,38 +292,87 @@ ESAMP_OBJECT = st.dictionaries(st.sampled_from(["beta", "group", "seed", "debug"
 CUSTOM_PARAMS = st.one_of(JSON, st.fixed_dictionaries({"esamp": JSON | ESAMP_OBJECT}))
 
 
-@pytest.fixture(scope="module")
-def fuzz_server(server, model):
-    if model[0] != "tiny":
-        pytest.skip("the fuzz runs once, on the tiny model's eager server")
-    return server
+def post_json(server, path: str, body: dict, **kw) -> requests.Response:
+    """POST with Python's JSON encoder, which writes NaN and ±inf as the tokens clients send."""
+    return requests.post(server.url + path, data=json.dumps(body), headers={"Content-Type": "application/json"},
+                         timeout=60, **kw)
 
 
 @settings(max_examples=40, deadline=None)
 @given(custom_params=CUSTOM_PARAMS, endpoint=st.sampled_from(["/generate", "/v1/completions"]))
 @example(custom_params=float("inf"), endpoint="/generate")
 @example(custom_params={"esamp": {"beta": float("nan")}}, endpoint="/v1/completions")
-def test_arbitrary_custom_params_get_200_or_4xx(fuzz_server, custom_params, endpoint):
+def test_arbitrary_custom_params_get_200_or_4xx(tiny_server, custom_params, endpoint):
     """Whatever a client sends as custom_params: an answer within a bound, never a 5xx or a hang
-    (NaN and ±inf travel as the non-standard JSON tokens Python's json writes for them)."""
+    (NaN and ±inf travel as the non-standard JSON tokens clients write for them: post_json)."""
     if endpoint == "/generate":
         body = {"text": "x", "sampling_params": {"max_new_tokens": 2, "custom_params": custom_params}}
     else:
         body = {"model": "default", "prompt": "x", "max_tokens": 2, "custom_params": custom_params}
-    resp = requests.post(fuzz_server.url + endpoint, data=json.dumps(body), timeout=60,
-                         headers={"Content-Type": "application/json"})  # requests' json= refuses NaN
+    resp = post_json(tiny_server, endpoint, body)
     assert resp.status_code == 200 or 400 <= resp.status_code < 500, (resp.status_code, resp.text[:300])
 
 
+# NaN and ±inf are not JSON: SGLang's request parser refuses the body (HTTP 400 json_invalid) on
+# every endpoint before ESamp reads it.
+BAD_EXPLORE = [({"beta": True}, "esamp.beta"), ({"beta": "0.5"}, "esamp.beta"), ({"beta": float("nan")}, "json_invalid"),
+               ({"beta": float("inf")}, "json_invalid"), ({"beta": float("-inf")}, "json_invalid"),
+               ({"beta": -1}, "esamp.beta"), ({"beta": 4.5}, "esamp.beta"), ({"beta": 10**30}, "esamp.beta"),
+               ({"beta": 0.5, "group": ""}, "esamp.group"), ({"beta": 0.5, "group": "g" * 300}, "esamp.group"),
+               ({"beta": 0.5, "group": ["a"]}, "esamp.group"), ({"beta": 0.5, "seed": 2**63}, "esamp.seed"),
+               ({"beta": 0.5, "seed": 1.5}, "esamp.seed"), ({"beta": 0.5, "debug": "yes"}, "esamp.debug"),
+               ({"beta": 0.5, "x": 1}, "unknown field"), ("on", "custom_params.esamp"),
+               ({"esamp": {"beta": 0.5}}, "unknown field")]
+
+
+def request_forms(custom_params) -> dict[str, tuple[str, dict]]:
+    """Every way a request carries custom_params: /generate single, batch, n > 1 and streaming;
+    both OpenAI endpoints, streaming and not."""
+    sp = {"max_new_tokens": 2, "custom_params": custom_params}
+    chat = {"model": "default", "max_tokens": 2, "custom_params": custom_params,
+            "messages": [{"role": "user", "content": "x"}]}
+    completion = {"model": "default", "prompt": "x", "max_tokens": 2, "custom_params": custom_params}
+    return {"generate": ("/generate", {"text": "x", "sampling_params": sp}),
+            "generate_batch": ("/generate", {"text": ["x", "y"], "sampling_params": [{"max_new_tokens": 2}, sp]}),
+            "generate_n": ("/generate", {"text": "x", "sampling_params": {**sp, "n": 3, "temperature": 1.0}}),
+            "generate_stream": ("/generate", {"text": "x", "stream": True, "sampling_params": sp}),
+            "completions": ("/v1/completions", completion),
+            "completions_stream": ("/v1/completions", {**completion, "stream": True}),
+            "chat": ("/v1/chat/completions", chat),
+            "chat_stream": ("/v1/chat/completions", {**chat, "stream": True})}
+
+
+def test_every_bad_value_is_http_400_naming_its_field_on_every_endpoint(tiny_server, plain_greedy):
+    """Streaming included: the check runs before a stream starts, so the answer is a 400, not an
+    error chunk inside a 200. Plain requests batched beside the refused ones are unchanged."""
+    wrong = []
+    with ThreadPoolExecutor(4) as pool:
+        beside = {p: pool.submit(gen, tiny_server, p, **GREEDY) for p in PROMPTS}
+        for esamp, field in BAD_EXPLORE:
+            for form, (path, body) in request_forms({"esamp": esamp}).items():
+                resp = post_json(tiny_server, path, body)
+                if resp.status_code != 400 or field not in resp.text:
+                    wrong.append((form, esamp if len(repr(esamp)) < 60 else "...", resp.status_code, resp.text[:120]))
+        assert {p: f.result()["output_ids"] for p, f in beside.items()} == plain_greedy
+    assert not wrong, "\n".join(map(str, wrong))
+
+
+@pytest.mark.parametrize("group", ["grüße-分组-🙂", "tab\tnewline\nnul\u0000", "g" * 256])
+def test_group_keys_are_opaque_strings(tiny_server, group):
+    out = post_json(tiny_server, "/generate", {"text": "x", "sampling_params": {
+        "max_new_tokens": 2, "ignore_eos": True, **explore(0.5, group=group)}}).json()
+    assert out["meta_info"]["esamp"]["group"] == group and out["meta_info"]["esamp"]["tokens_mixed"] == 2
+
+
 @pytest.mark.parametrize("custom_params", [1, [{"esamp": {"beta": 0.5}}], '{"esamp": {"beta": 0.5}}'])
-def test_custom_params_that_is_not_an_object_is_http_400(fuzz_server, custom_params):
+def test_custom_params_that_is_not_an_object_is_http_400(tiny_server, custom_params):
     """Found by the fuzz: a 500 from the validation hook before it named the field."""
-    resp = post(fuzz_server, "/generate", {"text": "x", "sampling_params": {"max_new_tokens": 2,
+    resp = post(tiny_server, "/generate", {"text": "x", "sampling_params": {"max_new_tokens": 2,
                                                                             "custom_params": custom_params}}, ok=False)
     assert resp.status_code == 400 and "custom_params must be an object" in resp.text
 
 
-def test_plain_requests_are_unchanged_after_the_fuzz(fuzz_server, plain_greedy):
+def test_plain_requests_are_unchanged_after_the_fuzz(tiny_server, plain_greedy):
     for prompt in PROMPTS:
-        assert gen(fuzz_server, prompt, **GREEDY)["output_ids"] == plain_greedy[prompt]
-    assert esamp_stats(fuzz_server)["hook_errors"] == 0
+        assert gen(tiny_server, prompt, **GREEDY)["output_ids"] == plain_greedy[prompt]
+    assert esamp_stats(tiny_server)["hook_errors"] == 0

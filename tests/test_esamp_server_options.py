@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import math
+
 import pytest
 import requests
 import torch
 
-from runtime_patch.scheduler_state import FAULT_GROUP_PREFIX, FAULTS_ENV
+from runtime_patch.scheduler_state import FAULT_GROUP_PREFIX, FAULTS_ENV, NONFINITE_GROUP_PREFIX
 from tests.conftest import launch
 from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore, gen, lm_head_weight, post
 
@@ -24,8 +26,8 @@ def server(request, tiny_model_path):
     flags = ("--esamp-init", "random", "--esamp-filter-mode", "post", "--esamp-source", "layer:1", "--esamp-lr", "0.05",
              "--esamp-warmup-steps", "2", "--esamp-beta-halflife", "8", "--chunked-prefill-size", str(CHUNK),
              "--enable-metrics", "--esamp-decode-path", request.param)
-    # Faults in the mix of a prefill or eager decode step and in the graph form's step.
-    yield from launch(tiny_model_path, f"esamp-tiny-options-{request.param}", *flags, env={FAULTS_ENV: "mix,graph_step"})
+    # Faults in the mix of a prefill or eager decode step and in the graph form's step; NaN training inputs.
+    yield from launch(tiny_model_path, f"esamp-tiny-options-{request.param}", *flags, env={FAULTS_ENV: "mix,graph_step,nonfinite"})
 
 
 def test_post_filter_mode_keeps_the_base_candidates(server, tiny_model_path):
@@ -65,7 +67,9 @@ def test_post_filter_without_base_filters_samples_the_full_mix(server, tiny_mode
 
 
 def test_counters_reach_prometheus_metrics(server):
+    before = esamp_stats(server)["hook_errors"]
     gen(server, PROMPTS[2], temperature=1.0, max_new_tokens=20, ignore_eos=True, **explore(1.0))
+    assert esamp_stats(server)["hook_errors"] == before  # publishing is no hook error (it was: the config dict)
     metrics = requests.get(server.url + "/metrics", timeout=30).text
     mixed = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("esamp:mixed_tokens")]
     assert mixed and mixed[0] > 0
@@ -129,3 +133,21 @@ def test_a_fault_in_a_hook_serves_its_steps_plain_and_the_server_goes_on(server)
     again = gen(server, PROMPTS[2], temperature=1.0, top_k=5, max_new_tokens=N_TOKENS, ignore_eos=True,
                 **explore(1.0))
     assert again["meta_info"]["esamp"]["tokens_mixed"] == N_TOKENS
+
+
+def test_non_finite_training_inputs_reset_the_slot_and_the_group_goes_on(server):
+    """NaN in one group's training rows: its slot is reset (counted), it keeps exploring with
+    finite states, and a group batched beside it samples what it samples alone."""
+    sampled = {"temperature": 1.0, "max_new_tokens": N_TOKENS, "ignore_eos": True}
+    alone = gen(server, PROMPTS[1], **sampled, **explore(1.0, group="clean-alone", seed=11))
+    before = esamp_stats(server)
+    with ThreadPoolExecutor(2) as pool:
+        poisoned = pool.submit(gen, server, PROMPTS[0], **sampled, **explore(1.0, group=NONFINITE_GROUP_PREFIX + "-1"))
+        beside = pool.submit(gen, server, PROMPTS[1], **sampled, **explore(1.0, group="clean-beside", seed=11))
+        poisoned, beside = poisoned.result(), beside.result()
+    after = esamp_stats(server)
+    assert after["distiller_resets"] - before["distiller_resets"] >= N_TOKENS - 2  # a reset per trained step
+    assert after["hook_errors"] == before["hook_errors"]  # nothing raised: the bank caught it
+    meta = poisoned["meta_info"]["esamp"]
+    assert meta["tokens_mixed"] == N_TOKENS and math.isfinite(meta["mean_novelty"])
+    assert beside["output_ids"] == alone["output_ids"]

@@ -104,6 +104,12 @@ def test_bad_explore_fails_in_the_client_naming_explore(backend, value, match):
         sgl.gen("x", explore=value)
 
 
+@pytest.mark.parametrize("group", ["", 7, "g" * 257])
+def test_bad_explore_group_fails_in_the_client_naming_it(backend, group):
+    with pytest.raises(ValueError, match="explore_group must be a non-empty string of at most 256"):
+        sgl.gen("x", explore=0.5, explore_group=group)
+
+
 def test_non_sglang_backends_are_refused(backend):
     class OtherBackend:
         pass
