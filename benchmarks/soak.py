@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=1800, help="stop sending after this long, whatever is left")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-save", action="store_true", help="print the result; do not write soak.json")
-    parser.add_argument("--out", type=Path, help="write the result here instead of benchmarks/results/soak.json")
+    parser.add_argument("--name", default="soak", help="results file: benchmarks/results/NAME.json")
     args = parser.parse_args(argv)
     if args.url:
         result = soak(args.url.rstrip("/"), None, requests_total=args.requests, clients=args.clients,
@@ -378,13 +378,9 @@ def main(argv: list[str] | None = None) -> int:
             result = soak(server.url, server, requests_total=args.requests, clients=args.clients,
                           seconds=args.seconds, seed=args.seed)
         result["workload"]["model"] = model
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    elif not args.no_save:
-        save_result("soak", result)
-    print(text)
+    print(json.dumps(result, indent=2))
+    if not args.no_save:
+        save_result(args.name, result)
     return 0
 
 
