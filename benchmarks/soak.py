@@ -58,6 +58,11 @@ BAD_ESAMP = [({"beta": -1}, "esamp.beta"), ({"beta": "x"}, "esamp.beta"), ({"bet
 TIMEOUT = 300
 
 
+def plain_request(prompt: str) -> dict:
+    """The plain greedy /generate body; its tokens are compared with the reference's."""
+    return {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": TOKENS, "ignore_eos": True}}
+
+
 @sgl.function
 def forked(s, prompt, k, beta):
     """A fork program: k answers exploring together (one group), each with its meta_info."""
@@ -128,8 +133,7 @@ class Client:
 
     def _plain(self, rng: random.Random):
         prompt = rng.choice(PROMPTS)
-        resp = self._post("/generate", {"text": prompt, "sampling_params": {
-            "temperature": 0, "max_new_tokens": TOKENS, "ignore_eos": True}})
+        resp = self._post("/generate", plain_request(prompt))
         if err := self._status(resp):
             return err, 0, resp.text[:200]
         out = resp.json()
@@ -256,7 +260,12 @@ def run_phase(client: Client, kinds: dict[str, int], count: int, clients: int, s
                     on_progress(len(outcomes))
 
     with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(worker, range(clients)))
+        try:
+            list(pool.map(worker, range(clients)))
+        except BaseException:  # SIGTERM or Ctrl-C: issue nothing more, let the requests in flight end
+            with lock:
+                issued[0] = count
+            raise
     return outcomes
 
 
@@ -298,8 +307,8 @@ def soak(url: str, server: LaunchedServer | None, *, requests_total: int, client
     plain requests batched beside exploring ones."""
     reference = {}
     for prompt in PROMPTS:  # one at a time on an idle server
-        reference[prompt] = requests.post(url + "/generate", json={"text": prompt, "sampling_params": {
-            "temperature": 0, "max_new_tokens": TOKENS, "ignore_eos": True}}, timeout=TIMEOUT).json()["output_ids"]
+        reference[prompt] = requests.post(url + "/generate", json=plain_request(prompt),
+                                          timeout=TIMEOUT).json()["output_ids"]
     deadline = time.monotonic() + seconds
     baseline = esamp_states(url)[0]
 

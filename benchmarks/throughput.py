@@ -6,9 +6,11 @@ Both servers run side by side (--sleep-on-idle) and each round runs three arms, 
 rotating order so drift on this shared machine hits them alike:
   - plain SGLang: a `--no-esamp` server (the plugin registers nothing);
   - ESamp server: rounds without explore and with explore β = 0.5.
-Reported as the median over rounds of each round's ratio, and — robust to the machine's noise —
-ESamp's share of the scheduler's forward time in explore rounds, from the server's own counters. Run:
-  .venv/bin/python benchmarks/throughput.py [--rounds 2] [--max-tokens 128] [--recipe NAME]
+Reported per round as ratios, their median, and the mean with a 90% bootstrap interval over
+rounds; and — robust to the machine's noise — ESamp's share of the scheduler's forward time in
+explore rounds, from the server's own counters, in total and by part of ESamp's hooks
+(``part_seconds``: which part grew, when the share grows). Run:
+  .venv/bin/python benchmarks/throughput.py [--rounds 5] [--max-tokens 128] [--recipe NAME]
 Writes benchmarks/results/throughput.json (throughput_NAME.json with --recipe).
 """
 
@@ -24,6 +26,7 @@ from pathlib import Path
 import requests
 
 from esamp_sgl.benchmarks.quality.recipes import RECIPES, recipe_min_p
+from esamp_sgl.benchmarks.quality.stats import bootstrap_mean
 from esamp_sgl.benchmarks.results_io import save_result
 from esamp_sgl.launcher import LaunchedServer
 from esamp_sgl.server_check import esamp_states
@@ -50,7 +53,7 @@ def run_round(url: str, beta: float | None, max_tokens: int, min_p: float = 0.0)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="ESamp server recipe (benchmarks/quality/recipes.py); "
                         "default: the server's defaults. Post-filter recipes sample with their min-p.")
@@ -61,6 +64,8 @@ def main() -> None:
     arms = {"plain_server": None, "esamp_server_explore": 0.5, "esamp_server_no_explore": None}
     measured: dict[str, list[float]] = {arm: [] for arm in arms}
     esamp_share: list[float] = []
+    part_seconds: dict[str, float] = {}
+    forward_seconds = 0.0
 
     # Both servers stay up (each sleeps while idle) and the arms interleave within every round,
     # in a rotating order, so that the machine's drift hits all three alike.
@@ -79,8 +84,11 @@ def main() -> None:
                     after = esamp_states(esamp.url)[0]
                     print(f"{arm} round {r}: {measured[arm][-1]:.1f} tok/s", flush=True)
                     if arms[arm] is not None:
-                        esamp_share.append((after["esamp_seconds"] - before["esamp_seconds"])
-                                           / (after["forward_seconds"] - before["forward_seconds"]))
+                        forward = after["forward_seconds"] - before["forward_seconds"]
+                        esamp_share.append((after["esamp_seconds"] - before["esamp_seconds"]) / forward)
+                        forward_seconds += forward
+                        for part, seconds in after["part_seconds"].items():
+                            part_seconds[part] = part_seconds.get(part, 0.0) + seconds - before["part_seconds"][part]
                         print(f"  ESamp's share of forward time: {esamp_share[-1]:.4f}", flush=True)
 
     def ratios(num: str, den: str) -> list[float]:
@@ -101,11 +109,16 @@ def main() -> None:
         "median_tokens_per_second": median,
         **{key: statistics.median(values) for key, values in per_round.items()},
         "per_round_ratios": per_round,
+        "ratio_mean_and_90pct_bootstrap_interval": {key: bootstrap_mean(values) for key, values in per_round.items()},
         "esamp_share_of_forward_time_explore_rounds": esamp_share,
+        "esamp_share_of_forward_time": sum(part_seconds.values()) / forward_seconds,
+        "esamp_share_of_forward_time_by_part": {part: seconds / forward_seconds for part, seconds in part_seconds.items()},
     }
-    for key in ("ratio_explore_vs_plain_server", "ratio_explore_vs_no_explore_same_server",
-                "ratio_no_explore_vs_plain_server"):
-        print(f"{key}: {result[key]:.4f}")
+    for key, (mean, lo, hi) in result["ratio_mean_and_90pct_bootstrap_interval"].items():
+        print(f"{key}: median {result[key]:.4f}, mean {mean:.4f} [{lo:.4f}, {hi:.4f}]")
+    print(f"ESamp's share of forward time: {result['esamp_share_of_forward_time']:.4%}")
+    for part, share in sorted(result["esamp_share_of_forward_time_by_part"].items(), key=lambda kv: -kv[1]):
+        print(f"  {part:>20}: {share:.4%}")
     save_result(f"throughput_{args.recipe}" if args.recipe else "throughput", result)
 
 

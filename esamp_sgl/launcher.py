@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,8 +25,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def unwind_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so context managers and ``finally`` blocks run.
+
+    The server runs in its own session (its process group is killed as a whole on stop), so a
+    client killed by the default SIGTERM action would leave it running, busy-polling a core.
+    Only where SIGTERM still has its default action, and only from the main thread (where
+    Python allows handlers)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
 class LaunchedServer:
-    """A running SGLang server; use as a context manager or call ``stop()``."""
+    """A running SGLang server; use as a context manager or call ``stop()``. Starting one makes
+    SIGTERM to this process unwind (``unwind_on_sigterm``), so the server stops with it."""
 
     def __init__(self, model: str, sglang_args: Sequence[str] = (), *, log_path: Path,
                  startup_timeout: float = 300.0, env: dict[str, str | None] | None = None) -> None:
@@ -36,6 +53,7 @@ class LaunchedServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         launch = build_launch(model, [*sglang_args, "--host", "127.0.0.1", "--port", str(self.port)])
         self.esamp = launch.esamp
+        unwind_on_sigterm()
         prepare(launch)
         self._log = open(self.log_path, "w")
         merged = {**launch.env, **(env or {})}

@@ -35,7 +35,11 @@ def configure(cfg: ESampConfig) -> None:
 # --- main process: requests and responses -----------------------------------------------------
 
 def validate_request(result: None, sampling_params: Any, *args: Any, **kwargs: Any) -> None:
-    """AFTER SamplingParams.verify (SGLang 0.5.23). A ValueError here becomes HTTP 400."""
+    """AFTER SamplingParams.verify (SGLang 0.5.23). A ValueError here becomes HTTP 400.
+
+    On HTTP the body hooks below have refused a bad entry already, so this check repeats theirs
+    (a dict lookup and a few comparisons); it stays as the backstop for what reaches the
+    tokenizer without those endpoints (the Engine API, SGLang's other HTTP routes)."""
     esamp_params.parse(sampling_params.custom_params, _cfg.max_beta)
 
 
@@ -201,13 +205,13 @@ def around_forward_batch(original: Any, worker: Any, batch: Any = None, *args: A
     if _state is None or batch is None:
         return original(worker, batch, *args, **kwargs)
     start = time.perf_counter()
-    with _state.timed(), _state.contained("begin_batch"):
+    with _state.timed("rows"), _state.contained("begin_batch"):
         _state.begin_batch(batch.reqs, getattr(batch, "chunked_req", None))
     attach_seeds(getattr(batch, "sampling_info", None), _state.current)
     try:
         return original(worker, batch, *args, **kwargs)
     finally:
-        with _state.timed(), _state.contained("end_batch"):
+        with _state.timed("rows"), _state.contained("end_batch"):
             _state.end_batch()
         _state.counters.forward_seconds += time.perf_counter() - start
 
@@ -255,7 +259,7 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
         return graph_form_step(original, processor, input_ids, hidden_states, lm_head, logits_metadata,
                                aux_hidden_states, *args, **kwargs)
     if _state.current.warming and mode.is_extend() and logits_metadata.extend_seq_lens_cpu is not None:
-        with _state.timed(), _state.contained("warm_up"):
+        with _state.timed("warm_up"), _state.contained("warm_up"):
             _state.warm_up(input_ids, hidden_states, aux_hidden_states, logits_metadata.extend_seq_lens_cpu)
     if _state.current is None or not _state.current.mixing:
         return plain()
@@ -281,7 +285,8 @@ def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, h
         with _state.timed(), _state.contained("post_filter"):
             if amateur is None:
                 _state.counters.amateur_second_pass += 1
-                amateur = second_pass_amateur(h_hat, logits_metadata, processor, lm_head)
+                with _state.timed("amateur_second_pass"):
+                    amateur = second_pass_amateur(h_hat, logits_metadata, processor, lm_head)
             output.next_token_logits = _state.post_filter(output.next_token_logits, amateur,
                                                           logits_metadata.sampling_info)
         if _state.current is None:
@@ -363,7 +368,7 @@ def seeded_resample(original: Any, sampler: Any, probs: torch.Tensor, sampling_i
     """
     ids, capture = original(sampler, probs, sampling_info, positions, *args, **kwargs)
     if _state is not None:
-        with _state.timed(), _state.contained("resample_seeded"):
+        with _state.timed("seeded"), _state.contained("resample_seeded"):
             _state.resample_seeded(ids, probs, sampling_info, positions)
     return ids, capture
 

@@ -77,6 +77,13 @@ class StepRows:
         return any(s >= 0 for s in self.warm_slot)
 
 
+# Where ESamp's host time goes (report()["part_seconds"]). L(ĥ) of the post-filter is not a
+# part: its rows ride in SGLang's own LM-head GEMM (forward time, not ESamp's hooks), except
+# where a prefill's logprobs force a second pass ("amateur_second_pass").
+PARTS = ("rows", "shallow_state", "distill_and_mix", "training", "candidate_mask", "reweight",
+         "amateur_second_pass", "meta", "warm_up", "seeded", "hook_other")
+
+
 @dataclass
 class Counters:
     mixed_tokens: int = 0
@@ -93,6 +100,9 @@ class Counters:
     # measures launch time, not kernel time.
     esamp_seconds: float = 0.0
     forward_seconds: float = 0.0
+    # esamp_seconds by part (PARTS), so a regression shows which part grew; "hook_other" is the
+    # rest of the hooks' time (bookkeeping between the parts).
+    part_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PARTS, 0.0))
 
 
 @dataclass
@@ -118,6 +128,7 @@ class SchedulerState:
     _armed_h_hat: torch.Tensor | None = None
     head: tuple[Any, Any] | None = None  # (LogitsProcessor, lm_head) seen in the decode-graph capture
     _amateur: torch.Tensor | None = None
+    _timing: str | None = None  # the part timed() is charging now
 
     def __post_init__(self) -> None:
         embed, norm = shallow_modules(self.model)
@@ -134,12 +145,22 @@ class SchedulerState:
         self._faults = frozenset(filter(None, os.environ.get(FAULTS_ENV, "").split(",")))
 
     @contextmanager
-    def timed(self) -> Iterator[None]:
+    def timed(self, part: str = "hook_other") -> Iterator[None]:
+        """Host time in ESamp, charged to ``part``. Nests: the outermost call (a hook) adds to
+        ``esamp_seconds``; an inner part's time is moved from its enclosing part to its own."""
+        outer, self._timing = self._timing, part
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.counters.esamp_seconds += time.perf_counter() - start
+            spent = time.perf_counter() - start
+            parts = self.counters.part_seconds
+            parts[part] += spent
+            if outer is None:
+                self.counters.esamp_seconds += spent
+            else:
+                parts[outer] -= spent
+            self._timing = outer
 
     @contextmanager
     def contained(self, part: str) -> Iterator[None]:
@@ -286,27 +307,33 @@ class SchedulerState:
         """Hidden states with the sampled ``rows`` mixed, ĥ of those rows, one info entry per row."""
         self.inject_test_fault("mix")
         step = self.current
-        self.lane.begin_step()
-        x = self.shallow_state(input_ids, aux_hidden_states, rows)
-        h = hidden.index_select(0, rows)
-        slot = torch.tensor(step.slot, dtype=torch.int64)
-        # The slot-grouped form is the CPU's (on CUDA the fused kernel gathers per row).
-        groups = None if self.device.type == "cuda" else RowGroups.of(slot, self.device)
-        h_mix, h_hat, novelty = distill_and_mix(self.lane.forward_params, x, h,
-                                                to_device(slot.clamp_min(0), torch.int64, self.device),
-                                                step.beta, self.cfg.mix, groups, start=self.bank.template)
-        self.lane.submit(self.training_inputs(x, step.group), h, slot, step.owner)
-        out = hidden.clone()
-        out.index_copy_(0, rows, h_mix)
+        with self.timed("training"):
+            self.lane.begin_step()
+        with self.timed("shallow_state"):
+            x = self.shallow_state(input_ids, aux_hidden_states, rows)
+        with self.timed("distill_and_mix"):
+            h = hidden.index_select(0, rows)
+            slot = torch.tensor(step.slot, dtype=torch.int64)
+            # The slot-grouped form is the CPU's (on CUDA the fused kernel gathers per row).
+            groups = None if self.device.type == "cuda" else RowGroups.of(slot, self.device)
+            h_mix, h_hat, novelty = distill_and_mix(self.lane.forward_params, x, h,
+                                                    to_device(slot.clamp_min(0), torch.int64, self.device),
+                                                    step.beta, self.cfg.mix, groups, start=self.bank.template)
+            out = hidden.clone()
+            out.index_copy_(0, rows, h_mix)
+        with self.timed("training"):
+            self.lane.submit(self.training_inputs(x, step.group), h, slot, step.owner)
         self.counters.steps += 1
         return out, h_hat, self._token_info(step, x, h, h_hat, novelty)
 
     def post_filter(self, logits: torch.Tensor, amateur: torch.Tensor, sampling_info) -> torch.Tensor:
         """Post-filter mode: the base logits' own top-k/top-p/min-p pick the candidates, and the
         contrast (1+β)·L(h) − β·L(ĥ) reweights only those (rows with β = 0 are unchanged)."""
-        keep = candidate_mask(logits, sampling_info.top_ks, sampling_info.top_ps, sampling_info.min_ps,
-                              sampling_info.temperatures.view(-1), rank_filters=uses_rank_filters(sampling_info))
-        return post_filter_logits(logits, amateur, self.current.beta, keep)
+        with self.timed("candidate_mask"):
+            keep = candidate_mask(logits, sampling_info.top_ks, sampling_info.top_ps, sampling_info.min_ps,
+                                  sampling_info.temperatures.view(-1), rank_filters=uses_rank_filters(sampling_info))
+        with self.timed("reweight"):
+            return post_filter_logits(logits, amateur, self.current.beta, keep)
 
     # --- amateur logits L(ĥ) for the post-filter, in the LM head's own pass ------------------
 
@@ -360,9 +387,11 @@ class SchedulerState:
         of the padded batch (each decode row samples): the final states to project. Post-filter
         mode arms the LM head to project the snapshot's ĥ in the same pass."""
         self.inject_test_fault("graph_step")
-        x = self.shallow_state(input_ids, aux_hidden_states)
-        out = self.graph_rows.step(self.lane.forward_params, x, hidden, self.cfg.mix,
-                                   mix=self.cfg.filter_mode == "pre", start=self.bank.template)
+        with self.timed("shallow_state"):
+            x = self.shallow_state(input_ids, aux_hidden_states)
+        with self.timed("distill_and_mix"):
+            out = self.graph_rows.step(self.lane.forward_params, x, hidden, self.cfg.mix,
+                                       mix=self.cfg.filter_mode == "pre", start=self.bank.template)
         if self.cfg.filter_mode == "post":
             self.arm_amateur(self.graph_rows.h_hat[: hidden.shape[0]])
         return out
@@ -384,7 +413,8 @@ class SchedulerState:
         if step is None or not step.mixing:
             self.graph_rows.clear()
             return
-        self.lane.begin_step()
+        with self.timed("training"):
+            self.lane.begin_step()
         self.graph_rows.load(step.beta_host, step.slot)
 
     def after_replay(self, output, sampling_info, amateur: torch.Tensor | None, second_pass) -> Any:
@@ -397,12 +427,14 @@ class SchedulerState:
             return output
         n = len(step.slot)
         snap = self.graph_rows.rows(n)
-        self.lane.submit(self.training_inputs(snap.x, step.group), snap.h, torch.tensor(step.slot, dtype=torch.int64),
-                         step.owner)
+        with self.timed("training"):
+            self.lane.submit(self.training_inputs(snap.x, step.group), snap.h,
+                             torch.tensor(step.slot, dtype=torch.int64), step.owner)
         if self.cfg.filter_mode == "post":
             if amateur is None:
                 self.counters.amateur_second_pass += 1
-                amateur = second_pass(snap.h_hat)
+                with self.timed("amateur_second_pass"):
+                    amateur = second_pass(snap.h_hat)
             output.next_token_logits = self.post_filter(output.next_token_logits, amateur[:n], sampling_info)
         self.counters.steps += 1
         self.counters.graph_steps += 1
@@ -411,6 +443,11 @@ class SchedulerState:
 
     def _token_info(self, step: StepRows, x: torch.Tensor, h: torch.Tensor, h_hat: torch.Tensor,
                     novelty: torch.Tensor) -> list:
+        with self.timed("meta"):
+            return self._token_info_rows(step, x, h, h_hat, novelty)
+
+    def _token_info_rows(self, step: StepRows, x: torch.Tensor, h: torch.Tensor, h_hat: torch.Tensor,
+                         novelty: torch.Tensor) -> list:
         # On GPU the novelty reaches the host by a copy that does not wait for the device; SGLang
         # reads each entry (TokenInfo.copy) only after it has waited for the step's outputs.
         novelty_host = novelty.to("cpu", non_blocking=True) if novelty.is_cuda else novelty.clone()
@@ -469,6 +506,7 @@ class SchedulerState:
             "amateur_second_pass": self.counters.amateur_second_pass,
             "esamp_seconds": round(self.counters.esamp_seconds, 6),
             "forward_seconds": round(self.counters.forward_seconds, 6),
+            "part_seconds": {k: round(v, 6) for k, v in self.counters.part_seconds.items()},
             "config": asdict(self.cfg),  # the recipe served (what `bench quality --url` records)
         }
 

@@ -2,6 +2,8 @@
 SGLang, no pytest, no network), and write a JSON report. Without CUDA it says so, runs what it
 can — that every check imports (the CPU references are the test suite's) — and exits 0.
 
+Also times ESamp against a Llama-7B-shaped decode step (benchmarks/gpu_overhead.py).
+
 Usage: python scripts/gpu_check.py [--out REPORT.json] [--only SUBSTRING]
 """
 
@@ -36,6 +38,15 @@ def load_without_package_inits() -> types.ModuleType:
     return module
 
 
+def load_overhead_benchmark() -> types.ModuleType:
+    """benchmarks/gpu_overhead.py (after load_without_package_inits: it imports esamp_sgl's core)."""
+    spec = importlib.util.spec_from_file_location("gpu_overhead", ROOT / "benchmarks" / "gpu_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
@@ -52,9 +63,12 @@ def main() -> int:
         report["triton"] = triton.__version__
     except ImportError:
         report["triton"] = None
+    overhead = load_overhead_benchmark()
     if not torch.cuda.is_available():
-        report["note"] = "no CUDA device: the GPU checks were imported, not run"
+        report["note"] = ("no CUDA device: the GPU checks were imported, not run; the overhead measurement ran "
+                          "on the CPU at toy shapes (it exercises the code, its figures say nothing about a GPU)")
         report["checks"] = {name: {"status": "skipped"} for name in checks}
+        report["overhead_cpu_dry_run"] = overhead.measure(torch.device("cpu"), overhead.TINY, batches=(1, 16), steps=2)
     else:
         report["device"] = torch.cuda.get_device_name()
         for name, check in checks.items():
@@ -69,6 +83,13 @@ def main() -> int:
             entry["seconds"] = round(time.perf_counter() - start, 3)
             report["checks"][name] = entry
             print(f"{entry['status']:>7}  {entry['seconds']:7.2f} s  {name}", flush=True)
+        if args.only in "overhead_llama7b":
+            start = time.perf_counter()
+            report["overhead_llama7b"] = overhead.measure()
+            report["overhead_llama7b"]["seconds"] = round(time.perf_counter() - start, 1)
+            for batch, row in report["overhead_llama7b"]["batches"].items():
+                print(f"batch {batch:>3}: decode {row['decode_step_ms']:.2f} ms, with ESamp {row['with_esamp_ms']:.2f} ms"
+                      f" ({row['overhead']:+.2%})", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     failed = [n for n, e in report["checks"].items() if e["status"] == "failed"]

@@ -66,6 +66,18 @@ def test_post_filter_without_base_filters_samples_the_full_mix(server, tiny_mode
         assert logprob == pytest.approx(mixed[token].item(), abs=1e-3)
 
 
+def test_host_time_is_reported_by_part(server):
+    """Every part of a post-filter decode step is charged, and the parts add up to ESamp's total."""
+    before = esamp_stats(server)
+    gen(server, PROMPTS[1], temperature=1.0, top_k=5, max_new_tokens=N_TOKENS, ignore_eos=True, **explore(1.0))
+    after = esamp_stats(server)
+    grew = {part: after["part_seconds"][part] - before["part_seconds"][part] for part in after["part_seconds"]}
+    for part in ("rows", "shallow_state", "distill_and_mix", "training", "candidate_mask", "reweight", "meta"):
+        assert grew[part] > 0, part
+    assert sum(grew.values()) == pytest.approx(after["esamp_seconds"] - before["esamp_seconds"], abs=1e-4)
+    assert 0 < after["esamp_seconds"] - before["esamp_seconds"] < after["forward_seconds"] - before["forward_seconds"]
+
+
 def test_counters_reach_prometheus_metrics(server):
     before = esamp_stats(server)["hook_errors"]
     gen(server, PROMPTS[2], temperature=1.0, max_new_tokens=20, ignore_eos=True, **explore(1.0))

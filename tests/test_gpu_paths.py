@@ -35,3 +35,5 @@ def test_gpu_check_script_runs_without_sglang_and_reports(tmp_path):
     report = json.loads(out.read_text())
     assert report["cuda"] is False and set(report["checks"]) == set(CHECKS)
     assert all(entry["status"] == "skipped" for entry in report["checks"].values())
+    dry_run = report["overhead_cpu_dry_run"]["batches"]  # the 7B timing's code, at toy shapes
+    assert set(dry_run) == {"1", "16"} and all(row["training_steps"] > 0 for row in dry_run.values())

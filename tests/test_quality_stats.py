@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks.quality.metrics import frontier_gap
-from benchmarks.quality.stats import distinct, majority_correct, paired_bootstrap, pass_at_k
+from benchmarks.quality.stats import bootstrap_mean, distinct, majority_correct, paired_bootstrap, pass_at_k
 from benchmarks.quality.tasks import TASKS
 from benchmarks.quality.writing import distinct_n, mean_pairwise_cosine, vendi_score
 
@@ -68,3 +68,9 @@ def test_tasks_score_the_last_number_with_reasoning_gyms_scorer() -> None:
     assert not problem.correct(problem.final_answer(f"It is {answer}1"))
     assert problem.final_answer("no number here") is None
     assert TASKS["products"].problems(2)[0].entry == problem.entry  # fixed seed: the same problems
+
+
+def test_bootstrap_mean_interval_brackets_the_mean_and_narrows_with_agreement() -> None:
+    mean, lo, hi = bootstrap_mean([1.0, 1.2, 0.9, 1.1, 1.05])
+    assert lo < mean < hi and mean == pytest.approx(1.05)
+    assert bootstrap_mean([1.0] * 5) == (1.0, 1.0, 1.0)

@@ -1,4 +1,4 @@
-"""Statistics of the quality benchmark: unbiased pass@k, majority vote, paired bootstrap."""
+"""Statistics of the quality benchmark: unbiased pass@k, majority vote, bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -29,15 +29,23 @@ def distinct(answers: Sequence[str | None]) -> int:
     return len({a for a in answers if a is not None})
 
 
+def bootstrap_mean(values: Sequence[float], *, iters: int = 4000, level: float = 0.9,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``values`` and its percentile bootstrap interval at ``level``."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        raise ValueError("bootstrap_mean needs at least one value")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(iters, values.size))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(values.mean()), float(lo), float(hi)
+
+
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, iters: int = 4000, level: float = 0.9,
                      seed: int = 0) -> tuple[float, float, float]:
     """Mean of a − b over problems and its percentile interval, resampling problems with the
     same indices for both sides (a[i] and b[i] belong to one problem)."""
-    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    if diff.size == 0:
+    if len(a) == 0:
         raise ValueError("paired_bootstrap needs at least one problem")
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, diff.size, size=(iters, diff.size))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    lo, hi = np.percentile(means, [tail, 100 - tail])
-    return float(diff.mean()), float(lo), float(hi)
+    return bootstrap_mean(np.asarray(a, dtype=float) - np.asarray(b, dtype=float), iters=iters, level=level, seed=seed)
