@@ -23,7 +23,7 @@ from esamp_sgl.config import ESampConfig
 from esamp_sgl.distiller import DistillerBank
 from esamp_sgl.lane import CudaStreamLane, DeferredLane
 from esamp_sgl.latent_step import distill_and_mix
-from esamp_sgl.mix import candidate_mask, post_filter_logits
+from esamp_sgl.mix import candidate_mask, contrast_candidates
 from esamp_sgl.transfer import to_device
 
 
@@ -113,7 +113,7 @@ class EsampStep:
         both = torch.cat([h, h_hat.to(h.dtype)]) @ self.model.lm_head.T  # one pass over the head
         base, amateur = both.float().chunk(2)
         keep = candidate_mask(base, self.top_k, self.ones, self.min_p, self.ones, rank_filters=False)
-        out = post_filter_logits(base, amateur, self.beta, keep)
+        out = contrast_candidates(base, amateur, self.beta, keep)  # every row explores, as in the server
         self.lane.submit(x, h, self.slot_host)
         return out
 

@@ -50,11 +50,12 @@ def candidate_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
     ``rank_filters=False`` the caller promises that no row uses top-k or top-p (SGLang keeps that
     as host flags on the batch): min-p alone needs no sort of the vocabulary.
     """
-    probs = torch.softmax(logits.float() / temperature.float().clamp_min(1e-6).unsqueeze(-1), dim=-1)
+    t = temperature.float().clamp_min(1e-6)
+    keep = min_p_mask(logits, min_p, t)
     if not rank_filters:
-        return probs >= min_p.float().unsqueeze(-1) * probs.amax(-1, keepdim=True)
+        return keep
     n, vocab = logits.shape
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    sorted_probs, order = torch.softmax(logits.float() / t.unsqueeze(-1), dim=-1).sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=logits.device).expand(n, vocab)
     k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k).unsqueeze(-1)
     keep_sorted = rank < k
@@ -62,9 +63,25 @@ def candidate_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
     # top_p = 1 must keep the whole tail, but a float32 cumsum reaches 1.0 before the last token.
     top_p = top_p.float().unsqueeze(-1)
     keep_sorted &= (mass_before < top_p) | (top_p >= 1)
-    keep_sorted &= sorted_probs >= min_p.float().unsqueeze(-1) * sorted_probs[:, :1]
     keep_sorted[:, 0] = True
-    return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    return keep & torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+
+
+def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """p ≥ min_p · p_max at temperature T, in the log domain: softmax's normaliser cancels, so it
+    is l ≥ l_max + T·ln(min_p) — one max and one compare over the vocabulary, no exp. Always
+    keeps the top token; min_p = 0 keeps every token."""
+    floor = logits.float().amax(-1) + temperature * torch.log(min_p.float())
+    return logits >= floor.unsqueeze(-1)
+
+
+def contrast_candidates(logits: torch.Tensor, amateur: torch.Tensor, beta: torch.Tensor,
+                        keep: torch.Tensor) -> torch.Tensor:
+    """(1+β)·L(h) − β·L(ĥ) on the candidates in ``keep``, −inf elsewhere, for rows that all
+    explore (β > 0): one fused pass (lerp) and an in-place fill."""
+    b = beta.to(logits.device, torch.float32).unsqueeze(-1)
+    mixed = torch.lerp(logits.float(), amateur.float(), -b)  # L + (−β)(A − L) = (1+β)L − βA
+    return mixed.masked_fill_(~keep, float("-inf")).to(logits.dtype)
 
 
 def post_filter_logits(logits: torch.Tensor, amateur: torch.Tensor, beta: torch.Tensor,
@@ -73,11 +90,8 @@ def post_filter_logits(logits: torch.Tensor, amateur: torch.Tensor, beta: torch.
 
     ``logits`` [N, V] are the base logits L(h), ``amateur`` [N, V] the logits L(ĥ) of the same
     LM head with the same head transform (vocabulary cut, logit scale, softcapping), ``beta``
-    [N] on the logits' device. Rows with β > 0: (1+β)·L(h) − β·L(ĥ) on the candidates in
-    ``keep``, −inf elsewhere; rows with β = 0 are returned unchanged. Dense and on the device:
-    no host sync, no data-dependent shapes.
+    [N] on the logits' device. Rows with β > 0: contrast_candidates; rows with β = 0 are
+    returned unchanged. Dense and on the device: no host sync, no data-dependent shapes.
     """
     b = beta.to(logits.device, torch.float32).unsqueeze(-1)
-    base = logits.float()
-    mixed = torch.where(keep, (1 + b) * base - b * amateur.float(), float("-inf"))
-    return torch.where(b > 0, mixed, base).to(logits.dtype)
+    return torch.where(b > 0, contrast_candidates(logits, amateur, beta, keep), logits)

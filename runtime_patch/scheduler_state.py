@@ -24,7 +24,7 @@ from esamp_sgl.distiller import DistillerBank, RowGroups
 from esamp_sgl.graph_rows import GraphRows
 from esamp_sgl.lane import CudaStreamLane, DeferredLane
 from esamp_sgl.latent_step import distill_and_mix
-from esamp_sgl.mix import candidate_mask, post_filter_logits
+from esamp_sgl.mix import candidate_mask, contrast_candidates
 from esamp_sgl.seeded import seeded_sample
 from esamp_sgl.slots import NoFreeSlot, SlotTable
 from esamp_sgl.transfer import to_device
@@ -328,12 +328,26 @@ class SchedulerState:
 
     def post_filter(self, logits: torch.Tensor, amateur: torch.Tensor, sampling_info) -> torch.Tensor:
         """Post-filter mode: the base logits' own top-k/top-p/min-p pick the candidates, and the
-        contrast (1+β)·L(h) − β·L(ĥ) reweights only those (rows with β = 0 are unchanged)."""
+        contrast (1+β)·L(h) − β·L(ĥ) reweights only those. Only the exploring rows (host-side β)
+        are computed; they are written back into ``logits`` in place, rows with β = 0 untouched."""
+        step = self.current
+        exploring = [i for i, b in enumerate(step.beta_host) if b > 0]
+        if not exploring:
+            return logits
+        every_row = len(exploring) == logits.shape[0]
+        rows = None if every_row else to_device(exploring, torch.int64, logits.device)
+
+        def of_rows(t: torch.Tensor) -> torch.Tensor:
+            return t if rows is None else t.index_select(0, rows)
+
         with self.timed("candidate_mask"):
-            keep = candidate_mask(logits, sampling_info.top_ks, sampling_info.top_ps, sampling_info.min_ps,
-                                  sampling_info.temperatures.view(-1), rank_filters=uses_rank_filters(sampling_info))
+            base = of_rows(logits)
+            keep = candidate_mask(base, of_rows(sampling_info.top_ks), of_rows(sampling_info.top_ps),
+                                  of_rows(sampling_info.min_ps), of_rows(sampling_info.temperatures.view(-1)),
+                                  rank_filters=uses_rank_filters(sampling_info))
         with self.timed("reweight"):
-            return post_filter_logits(logits, amateur, self.current.beta, keep)
+            mixed = contrast_candidates(base, of_rows(amateur), of_rows(step.beta), keep)
+            return mixed if rows is None else logits.index_copy_(0, rows, mixed)
 
     # --- amateur logits L(ĥ) for the post-filter, in the LM head's own pass ------------------
 

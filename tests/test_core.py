@@ -11,7 +11,7 @@ from esamp_sgl.config import ESampConfig, bytes_per_group, scheduled_beta
 from esamp_sgl.distiller import DistillerBank, RowGroups, distiller_forward, init_slot
 from esamp_sgl.lane import DeferredLane
 from esamp_sgl.latent_step import distill_and_mix_torch
-from esamp_sgl.mix import candidate_mask, mix_hidden, novelty, post_filter_logits
+from esamp_sgl.mix import candidate_mask, contrast_candidates, mix_hidden, novelty, post_filter_logits
 from esamp_sgl.slots import NoFreeSlot, SlotTable
 
 D = 24
@@ -76,13 +76,26 @@ def test_candidate_mask_matches_filters():
     assert keep.tolist() == [[True, True, False, False], [True, True, True, False], [True, False, False, False]]
 
 
-def test_min_p_mask_without_sort_matches_the_sorted_mask():
+def test_min_p_mask_in_the_log_domain_is_the_probability_rule():
     logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(3)) * 3
     no_top_k, no_top_p = torch.zeros(6, dtype=torch.int64), torch.ones(6)
     min_p, temperature = torch.tensor([0.0, 0.01, 0.05, 0.1, 0.5, 1.0]), torch.tensor([0.5, 0.8, 1.0, 1.0, 1.3, 2.0])
-    sorted_mask = candidate_mask(logits, no_top_k, no_top_p, min_p, temperature)
-    assert torch.equal(candidate_mask(logits, no_top_k, no_top_p, min_p, temperature, rank_filters=False), sorted_mask)
-    assert sorted_mask[0].all() and 1 < sorted_mask[3].sum() < 500
+    probs = torch.softmax(logits / temperature.unsqueeze(-1), dim=-1)
+    rule = probs >= min_p.unsqueeze(-1) * probs.amax(-1, keepdim=True)
+    assert torch.equal(candidate_mask(logits, no_top_k, no_top_p, min_p, temperature, rank_filters=False), rule)
+    assert torch.equal(candidate_mask(logits, no_top_k, no_top_p, min_p, temperature), rule)
+    assert rule[0].all() and 1 < rule[3].sum() < 500
+
+
+def test_contrast_of_exploring_rows_is_the_dense_post_filter():
+    gen = torch.Generator().manual_seed(4)
+    logits, amateur = torch.randn(4, 300, generator=gen) * 4, torch.randn(4, 300, generator=gen) * 4
+    beta = torch.tensor([0.25, 0.5, 1.0, 2.0])
+    keep = candidate_mask(logits, torch.zeros(4, dtype=torch.int64), torch.ones(4), torch.full((4,), 0.05), torch.ones(4))
+    out = contrast_candidates(logits, amateur, beta, keep)
+    want = (1 + beta.unsqueeze(-1)) * logits - beta.unsqueeze(-1) * amateur
+    torch.testing.assert_close(out[keep], want[keep], rtol=1e-5, atol=1e-5)
+    assert torch.isneginf(out[~keep]).all() and torch.equal(post_filter_logits(logits, amateur, beta, keep), out)
 
 
 @pytest.mark.parametrize("top_k", [5, 0])  # 0: every token a candidate
