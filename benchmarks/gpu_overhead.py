@@ -15,6 +15,7 @@ exercises it; those figures say nothing about a GPU.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -118,15 +119,10 @@ class EsampStep:
         return out
 
 
-@dataclass
-class _Captured:
-    graph: torch.cuda.CUDAGraph
-    out: torch.Tensor
-
-
-def _captured_body(model: RandomDecoder, ids: torch.Tensor, cache: list) -> _Captured:
+def _graphed_body(model: RandomDecoder, ids: torch.Tensor, cache: list) -> Callable[[], torch.Tensor]:
     """The decoder up to the final norm, captured in a CUDA graph after a warm-up on a side stream
-    (as torch's docs ask: lazy cuBLAS/SDPA initialisation must not happen during capture)."""
+    (as torch's docs ask: lazy cuBLAS/SDPA initialisation must not happen during capture); the
+    returned function replays it and gives its output."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -136,7 +132,11 @@ def _captured_body(model: RandomDecoder, ids: torch.Tensor, cache: list) -> _Cap
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = model.final_state(ids, cache)
-    return _Captured(graph, out)
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+    return replay
 
 
 def _per_step_seconds(fn, device: torch.device, steps: int) -> float:
@@ -172,11 +172,7 @@ def measure(device: torch.device | None = None, shape: Shape | None = None, batc
             cache = model.kv_cache(batch)
             ids = torch.randint(0, shape.vocab, (batch,), device=device)
             if device.type == "cuda":
-                static_h = _captured_body(model, ids, cache)
-
-                def body() -> torch.Tensor:
-                    static_h.graph.replay()
-                    return static_h.out
+                body = _graphed_body(model, ids, cache)
             else:
                 def body() -> torch.Tensor:
                     return model.final_state(ids, cache)
