@@ -65,7 +65,9 @@ def test_explore_changes_tokens_and_reports_meta(servers, path):
     _, esamp = servers
     sampled = {"temperature": 1.0, "max_new_tokens": N_TOKENS, "ignore_eos": True, **PATHS[path]}
     changed = 0
-    for seed in (3, 4):
+    # A random tiny model's top-8 are near-uniform, so β = 2 mostly sharpens them: a given seed's
+    # Gumbel draw keeps its token about one time in three (seen on Qwen3-MoE); four seeds.
+    for seed in (1, 2, 3, 4):
         plain = gen(esamp, PROMPTS[1], **sampled, **explore(0.0, seed=seed))["output_ids"]
         out = gen(esamp, PROMPTS[1], **sampled, **explore(2.0, seed=seed, group=f"fam-{path}"))
         changed += out["output_ids"] != plain
