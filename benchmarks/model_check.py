@@ -21,6 +21,7 @@ from pathlib import Path
 import requests
 import torch
 
+from esamp_sgl.benchmarks.parity import first_divergence, top_two_gap
 from esamp_sgl.benchmarks.results_io import save_result
 from esamp_sgl.launcher import LaunchedServer
 from esamp_sgl.models import resolve
@@ -55,12 +56,10 @@ def generate(url: str, ids: list[int], max_tokens: int, esamp: dict | None = Non
 
 def parity(reference: list[int], out: dict) -> dict:
     """Where the server's greedy tokens part from ``reference``, and whether that step was a tie."""
-    ids = out["output_ids"]
-    diverged = next((i for i, (a, b) in enumerate(zip(reference, ids)) if a != b), None)
+    diverged = first_divergence(reference, out["output_ids"])
     if diverged is None:
         return {"equal": True}
-    top_two = out["meta_info"]["output_top_logprobs"][diverged]
-    gap = abs(top_two[0][0] - top_two[1][0])
+    gap = top_two_gap(out, diverged)
     return {"equal": False, "diverged_at": diverged, "top_two_gap": gap, "float_tie": gap < TIE}
 
 

@@ -8,6 +8,7 @@ tree (SGLang spawns scheduler and detokenizer processes).
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,10 +20,23 @@ from esamp_sgl.serve import build_launch, prepare
 from esamp_sgl.server_check import ServerNotReady, check_esamp_active, wait_healthy
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Below the kernel's ephemeral range, which bind(0) and every outgoing connection draw from: a
+# port from bind(0), bound only tens of seconds later by the server, can meanwhile become the
+# local end of some connection (a TP server's gloo mesh opens many), and the server then fails
+# to bind and hangs. Under SGLang's own range for such ports (22000-29999), so as not to meet it.
+PORT_RANGE = (12000, 21999)
+
+
+def free_port(attempts: int = 64) -> int:
+    """A loopback port that is free now and outside the range outgoing connections use."""
+    for port in random.sample(range(PORT_RANGE[0], PORT_RANGE[1] + 1), attempts):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port in {PORT_RANGE} after {attempts} tries")
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -38,12 +38,19 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
 
 def esamp_states(url: str) -> list[dict]:
     """The ``esamp`` entry of every scheduler's internal state (one per DP rank)."""
-    info = requests.get(url + "/server_info", timeout=30).json()
+    return esamp_states_in(requests.get(url + "/server_info", timeout=30).json())
+
+
+def esamp_states_in(info: dict) -> list[dict]:
+    """The ``esamp`` entries of a /server_info answer already read."""
     return [state.get("esamp", {}) for state in info.get("internal_states", [])]
 
 
-def check_esamp_active(url: str) -> None:
-    states = esamp_states(url)
+def check_esamp_active(url: str) -> dict:
+    """Raise EsampNotActive unless every scheduler runs ESamp and the main process validates its
+    parameters; returns the /server_info answer it read."""
+    info = requests.get(url + "/server_info", timeout=30).json()
+    states = esamp_states_in(info)
     if not states or not all(s.get("active") for s in states):
         raise EsampNotActive(f"ESamp is not active in every scheduler (server_info esamp: {states}); "
                              "the server log says which plugin or hook failed")
@@ -52,6 +59,7 @@ def check_esamp_active(url: str) -> None:
     if resp.status_code != 400 or "esamp.beta" not in resp.text:
         raise EsampNotActive("the main process does not validate esamp parameters (its plugin hooks are "
                              f"missing): a bad esamp.beta got HTTP {resp.status_code}")
+    return info
 
 
 def wait_until_esamp_ready(url: str, process: subprocess.Popen, timeout: float) -> None:

@@ -17,6 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from esamp_sgl.benchmarks.parity import first_divergence
 from tests.conftest import launch, start_server
 from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore, gen, lm_head_weight, post
 
@@ -117,7 +118,7 @@ def test_plain_greedy_matches_transformers_token_for_token(server, model):
         assert n >= 8
         if served_ids == hf_ids:
             continue
-        step = next(i for i, (a, b) in enumerate(zip(served_ids, hf_ids)) if a != b)
+        step = first_divergence(served_ids, hf_ids)
         with torch.no_grad():
             logits = hf(torch.tensor([ids + hf_ids[:step]])).logits[0, -1]
         top2 = logits.topk(2).values

@@ -1,5 +1,6 @@
-"""LaunchedServer's SIGTERM handling, without a server: a client killed by SIGTERM must unwind
-(its ``with LaunchedServer`` stops the server, which runs in a session of its own)."""
+"""LaunchedServer without a server: a client killed by SIGTERM must unwind (its ``with
+LaunchedServer`` stops the server, which runs in a session of its own), and the port it picks
+must not be one that outgoing connections can take before the server binds it."""
 
 import signal
 import subprocess
@@ -35,3 +36,13 @@ def test_a_handler_someone_installed_is_kept():
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_server_ports_lie_below_the_ephemeral_range():
+    """A TP 2 server's HTTP port from bind(0) was taken by a connection during its 40 s startup
+    (CI: "address already in use", then a hang until the health wait gave up)."""
+    from esamp_sgl.launcher import free_port
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1 and all(1024 <= p < min(ephemeral_low, 22000) for p in ports)

@@ -14,6 +14,7 @@ import sglang as sgl
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
 import esamp_sgl
+from esamp_sgl.benchmarks.parity import first_divergence, top_two_gap
 from esamp_sgl.launcher import LaunchedServer
 from tests.conftest import LaunchedRouter, launch_side_by_side
 from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore, gen, post
@@ -39,15 +40,15 @@ def assert_same_tokens_or_float_tie(reference: dict, out: dict, greedy: bool) ->
     """Same tokens with the same logprobs; where a greedy run diverges, the reference's top two
     logprobs at that step must be a float tie (and the rest of the run then differs freely)."""
     ref_ids, ids = reference["output_ids"], out["output_ids"]
-    diverged = next((i for i, (a, b) in enumerate(zip(ref_ids, ids)) if a != b), None)
+    diverged = first_divergence(ref_ids, ids)
     upto = len(ref_ids) if diverged is None else diverged
     ref_lp = [t[0] for t in reference["meta_info"]["output_token_logprobs"][:upto]]
     lp = [t[0] for t in out["meta_info"]["output_token_logprobs"][:upto]]
     assert max((abs(a - b) for a, b in zip(ref_lp, lp)), default=0.0) < 1e-3
     if diverged is not None:
         assert greedy, f"seeded run diverged at step {diverged}: {ref_ids} vs {ids}"
-        top_two = reference["meta_info"]["output_top_logprobs"][diverged]
-        assert abs(top_two[0][0] - top_two[1][0]) < TIE, f"step {diverged} is no tie: {top_two}"
+        gap = top_two_gap(reference, diverged)
+        assert gap < TIE, f"step {diverged} is no tie: top-two gap {gap}"
 
 
 @pytest.mark.parametrize("case", ["greedy", "seeded-pre-path", "seeded-post-path"])

@@ -14,10 +14,9 @@ import argparse
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import requests
 
 from esamp_sgl.models import resolve
-from esamp_sgl.server_check import check_esamp_active, esamp_states
+from esamp_sgl.server_check import check_esamp_active, esamp_states_in
 
 from ..results_io import RESULTS_DIR, run_metadata
 from . import plans
@@ -64,9 +63,8 @@ def split_tasks(text: str) -> list[str]:
 
 def served(url: str) -> tuple[str, str, str]:
     """(model path, tokenizer path, recipe name) of the esamp-sgl server at ``url``."""
-    check_esamp_active(url)
-    info = requests.get(url + "/server_info", timeout=30).json()
-    filter_mode = esamp_states(url)[0]["config"]["filter_mode"]
+    info = check_esamp_active(url)
+    filter_mode = esamp_states_in(info)[0]["config"]["filter_mode"]
     return info["model_path"], info.get("tokenizer_path") or info["model_path"], f"served-{filter_mode}"
 
 
