@@ -66,6 +66,7 @@ class StepRows:
     debug: list[bool]
     group: list[str | None]
     seed: list[int | None]
+    top_k: list[int]  # SGLang's per-request top_k (TOP_K_ALL where unlimited), for the candidate mask
     owner: list[tuple[str, int] | None]  # (request id, ordinal of the token this row samples)
 
     @property
@@ -216,6 +217,7 @@ class SchedulerState:
             debug=[bool(r and r.params.debug) for r in sampling],
             group=[r.group if r else None for r in sampling],
             seed=[r.params.seed if r else None for r in sampling],
+            top_k=[req.sampling_params.top_k for req in reqs],
             owner=owner,
         )
 
@@ -344,7 +346,8 @@ class SchedulerState:
             base = of_rows(logits)
             keep = candidate_mask(base, of_rows(sampling_info.top_ks), of_rows(sampling_info.top_ps),
                                   of_rows(sampling_info.min_ps), of_rows(sampling_info.temperatures.view(-1)),
-                                  rank_filters=uses_rank_filters(sampling_info))
+                                  rank_filters=uses_rank_filters(sampling_info),
+                                  max_top_k=max(step.top_k[i] for i in exploring))
         with self.timed("reweight"):
             mixed = contrast_candidates(base, of_rows(amateur), of_rows(step.beta), keep)
             return mixed if rows is None else logits.index_copy_(0, rows, mixed)

@@ -106,7 +106,7 @@ def _step_rows(beta: list[float], slot: list[int]):
     n = len(beta)
     return StepRows(beta=to_device(beta, torch.float32, CUDA), beta_host=beta, slot=slot, warm_slot=[-1] * n,
                     debug=[False] * n, group=[f"g{s}" if s >= 0 else None for s in slot], seed=[None] * n,
-                    owner=[(f"r{i}", 0) if s >= 0 else None for i, s in enumerate(slot)])
+                    top_k=[20] * n, owner=[(f"r{i}", 0) if s >= 0 else None for i, s in enumerate(slot)])
 
 
 def _sampling(n: int, top_k: int = 20) -> SimpleNamespace:

@@ -87,6 +87,27 @@ def test_min_p_mask_in_the_log_domain_is_the_probability_rule():
     assert rule[0].all() and 1 < rule[3].sum() < 500
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.3])
+def test_top_k_selection_gives_the_sort_s_candidates(top_p):
+    """With a host bound on top_k the ranks come from one top-k selection, not a sort of the
+    vocabulary: the same candidates, for k below and at the bound, with top-p and min-p on top."""
+    gen = torch.Generator().manual_seed(7)
+    n, vocab = 6, 4096
+    logits = torch.randn(n, vocab, generator=gen) * 3
+    logits[0, :50] = logits[0, 0]  # a tie across the top
+    top_k = torch.tensor([40, 1, 7, 256, 256, 100])
+    top_p_rows, min_p = torch.full((n,), top_p), torch.tensor([0.0, 0.0, 0.1, 0.0, 0.01, 0.0])
+    temperature = torch.tensor([1.0, 0.7, 1.0, 1.5, 0.8, 1.0])
+    sorted_mask = candidate_mask(logits, top_k, top_p_rows, min_p, temperature)
+    selected = candidate_mask(logits, top_k, top_p_rows, min_p, temperature, max_top_k=256)
+    if top_p == 1.0:  # ties at the k-th rank may pick different tokens: only row 0 has one, by design
+        assert selected[0].sum() == sorted_mask[0].sum() == 40
+        assert torch.equal(selected[1:], sorted_mask[1:])
+    else:
+        assert torch.equal(selected[1:], sorted_mask[1:]) and selected[0].sum() == sorted_mask[0].sum()
+    assert (selected.sum(-1)[1:4] <= top_k[1:4]).all() and selected[3].sum() > 7
+
+
 def test_contrast_of_exploring_rows_is_the_dense_post_filter():
     gen = torch.Generator().manual_seed(4)
     logits, amateur = torch.randn(4, 300, generator=gen) * 4, torch.randn(4, 300, generator=gen) * 4
