@@ -8,7 +8,9 @@ the LM head runs after it in both arms. ESamp's step is what the server's eager 
 post-filter mode (the default recipe): the owed training step (side-stream lane, staleness 1), the
 shallow state, the fused distill-and-mix kernel, the LM head over [h; ĥ] in one pass instead of h
 alone, the min-p candidate mask and the reweighting. Both arms are timed per step (CUDA events over
-STEPS steps after a warm-up) at batch 1, 16, 64 and 256, one group per 8 rows. Without CUDA the same code runs on the CPU at TINY's shapes, so CI
+STEPS steps after a warm-up) at batch 1, 16, 64 and 256, one group per 8 rows. Beside them, the
+post-filter's top-k / top-p candidate mask by each of its paths at Qwen2.5's vocabulary
+(candidate_mask_paths). Without CUDA the same code runs on the CPU at TINY's shapes, so CI
 exercises it; those figures say nothing about a GPU.
 """
 
@@ -24,7 +26,7 @@ from esamp_sgl.config import ESampConfig
 from esamp_sgl.distiller import DistillerBank
 from esamp_sgl.lane import CudaStreamLane, DeferredLane
 from esamp_sgl.latent_step import distill_and_mix
-from esamp_sgl.mix import candidate_mask, contrast_candidates
+from esamp_sgl.mix import candidate_mask, contrast_candidates_, nucleus_mask
 from esamp_sgl.transfer import to_device
 
 
@@ -44,6 +46,8 @@ CONTEXT = 256  # KV-cache tokens per row
 ROWS_PER_GROUP = 8
 STEPS = 20
 BETA, MIN_P = 0.5, 0.05
+QWEN_VOCAB = 151936  # the candidate masks are timed at Qwen2.5's vocabulary
+TOP_K, TOP_P, TOP_K_ALL = 50, 0.95, 1 << 30
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -114,7 +118,7 @@ class EsampStep:
         both = torch.cat([h, h_hat.to(h.dtype)]) @ self.model.lm_head.T  # one pass over the head
         base, amateur = both.float().chunk(2)
         keep = candidate_mask(base, self.top_k, self.ones, self.min_p, self.ones, rank_filters=False)
-        out = contrast_candidates(base, amateur, self.beta, keep)  # every row explores, as in the server
+        out = contrast_candidates_(base, amateur, self.beta, keep)  # in place, as in the server (every row explores)
         self.lane.submit(x, h, self.slot_host)
         return out
 
@@ -157,6 +161,27 @@ def _per_step_seconds(fn, device: torch.device, steps: int) -> float:
     return begin.elapsed_time(end) / 1000 / steps
 
 
+def candidate_mask_paths(device: torch.device, vocab: int, batches: tuple[int, ...], steps: int) -> dict:
+    """Per batch, ms per call of the post-filter's top-k / top-p candidate mask: the sort of the
+    vocabulary, the top-k selection (top_k 50, top-p 0.95) and top-p 0.95 alone by bisection
+    (nucleus_mask) against its sort — which decides mix.NUCLEUS_BY_BISECTION_ON for CUDA."""
+    rows = {}
+    with torch.inference_mode():
+        for batch in batches:
+            gen = torch.Generator(device).manual_seed(batch)
+            logits = torch.randn(batch, vocab, device=device, generator=gen) * 4
+            ones, zeros = torch.ones(batch, device=device), torch.zeros(batch, device=device)
+            top_k, top_p = torch.full((batch,), TOP_K, device=device), torch.full((batch,), TOP_P, device=device)
+            unlimited = torch.full((batch,), TOP_K_ALL, device=device)
+            probs = torch.softmax(logits, dim=-1)
+            paths = {"top_k_sort": lambda: candidate_mask(logits, top_k, top_p, zeros, ones),
+                     "top_k_selection": lambda: candidate_mask(logits, top_k, top_p, zeros, ones, max_top_k=TOP_K),
+                     "top_p_sort": lambda: candidate_mask(logits, unlimited, top_p, zeros, ones),
+                     "top_p_bisection": lambda: nucleus_mask(probs, top_p)}
+            rows[batch] = {name: _per_step_seconds(fn, device, steps) * 1e3 for name, fn in paths.items()}
+    return {"vocab": vocab, "top_k": TOP_K, "top_p": TOP_P, "ms": rows}
+
+
 def measure(device: torch.device | None = None, shape: Shape | None = None, batches: tuple[int, ...] = BATCHES,
             steps: int = STEPS) -> dict:
     """Per batch: the model's decode step (graph replay on CUDA), the same step with ESamp's
@@ -190,6 +215,7 @@ def measure(device: torch.device | None = None, shape: Shape | None = None, batc
             del cache, esamp, body, base, exploring
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    masks = candidate_mask_paths(device, QWEN_VOCAB if device.type == "cuda" else shape.vocab, batches, steps)
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "shape": shape.__dict__,
             "dtype": str(dtype), "context": CONTEXT, "rows_per_group": ROWS_PER_GROUP, "steps": steps,
-            "beta": BETA, "min_p": MIN_P, "batches": rows}
+            "beta": BETA, "min_p": MIN_P, "batches": rows, "candidate_masks": masks}

@@ -166,15 +166,16 @@ class DistillerBank:
             target = target.view(*groups.index.shape, -1)
             valid = groups.valid.to(torch.float32)
             for step in range(self.cfg.steps_per_decode):
-                sub = tuple(p.index_select(0, groups.live).clone().requires_grad_(True) for p in self.params)
+                # index_select copies: the slots' weights as fresh leaves for autograd.
+                sub = tuple(p.index_select(0, groups.live).requires_grad_(True) for p in self.params)
                 row_loss = (distiller_forward_grouped(sub, x, groups) - target).pow(2).mean(-1) * valid
                 slot_loss = row_loss.sum(1) / valid.sum(1)
                 if step == 0:
                     self.last_loss = (groups.live, slot_loss.detach())
                 grads = torch.autograd.grad(slot_loss.sum(), sub)
                 with torch.no_grad():
-                    self._apply_update(groups.live, sub, grads)
-        self._reset_non_finite(groups.live)
+                    updated = self._apply_update(groups.live, sub, grads)
+        self._reset_non_finite(groups.live, updated)
         self.train_steps += 1
 
     def warm_up(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor | list[int]) -> None:
@@ -188,28 +189,36 @@ class DistillerBank:
         live, loss = self.last_loss
         return dict(zip(live.tolist(), loss.tolist()))
 
-    def _apply_update(self, live: torch.Tensor, sub: Params, grads: Params) -> None:
+    def _apply_update(self, live: torch.Tensor, sub: Params, grads: Params) -> Params:
+        """Write the live slots' updated weights into the bank, in place of the copies ``sub``
+        (no [L, d, r] temporaries: on CPU fresh tensors of that size cost page faults every
+        step); returns them, as written."""
         cfg = self.cfg
         self.slot_steps[live] += 1
+        updated = tuple(s.detach() for s in sub)
         if cfg.optimizer == "sgd":
-            for p, s, g in zip(self.params, sub, grads):
-                p[live] = s - cfg.lr * g
-            return
+            for p, s, g in zip(self.params, updated, grads):
+                p.index_copy_(0, live, s.sub_(g, alpha=cfg.lr))
+            return updated
         beta1, beta2, eps, weight_decay = 0.9, 0.999, 1e-8, 0.01
         step = self.slot_steps[live].to(torch.float32)
         m_all, v_all = self.state
-        for p, s, g, m_bank, v_bank in zip(self.params, sub, grads, m_all, v_all):
+        for p, s, g, m_bank, v_bank in zip(self.params, updated, grads, m_all, v_all):
             shape = (-1,) + (1,) * (g.dim() - 1)
-            m = m_bank[live] * beta1 + g * (1 - beta1)
-            v = v_bank[live] * beta2 + g * g * (1 - beta2)
+            m = m_bank.index_select(0, live).mul_(beta1).add_(g, alpha=1 - beta1)
+            v = v_bank.index_select(0, live).mul_(beta2).addcmul_(g, g, value=1 - beta2)
             m_hat = m / (1 - beta1 ** step).view(shape)
             v_hat = v / (1 - beta2 ** step).view(shape)
-            p[live] = s * (1 - cfg.lr * weight_decay) - cfg.lr * m_hat / (v_hat.sqrt() + eps)
-            m_bank[live], v_bank[live] = m, v
+            s.mul_(1 - cfg.lr * weight_decay).sub_(cfg.lr * m_hat / (v_hat.sqrt() + eps))
+            p.index_copy_(0, live, s)
+            m_bank.index_copy_(0, live, m)
+            v_bank.index_copy_(0, live, v)
+        return updated
 
-    def _reset_non_finite(self, live: torch.Tensor) -> None:
-        """Reset live slots whose weights are not all finite (a NaN/inf reaches the slot's sum)."""
-        finite = torch.stack([p.index_select(0, live).flatten(1).sum(1) for p in self.params]).isfinite().all(0)
+    def _reset_non_finite(self, live: torch.Tensor, written: Params) -> None:
+        """Reset live slots whose weights (``written``: what the step wrote for them) are not all
+        finite (a NaN/inf reaches the slot's sum)."""
+        finite = torch.stack([w.flatten(1).sum(1) for w in written]).isfinite().all(0)
         if self.device.type == "cpu":
             bad = live[~finite]
             if len(bad):
@@ -217,8 +226,8 @@ class DistillerBank:
                 self.reset_count += len(bad)
             return
         # On CUDA, without a host sync: every live slot is rewritten, bad ones from the template.
-        for p, t in zip(self.params, self.template):
-            p[live] = torch.where(finite.view((-1,) + (1,) * t.dim()), p[live], t)
+        for p, w, t in zip(self.params, written, self.template):
+            p.index_copy_(0, live, torch.where(finite.view((-1,) + (1,) * t.dim()), w, t))
         for moments in self.state:
             for m in moments:
                 m[live] = torch.where(finite.view((-1,) + (1,) * (m.dim() - 1)), m[live], 0)

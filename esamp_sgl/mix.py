@@ -45,6 +45,11 @@ def novelty(h: torch.Tensor, h_hat: torch.Tensor) -> torch.Tensor:
 # selection took 5-21% of the sort's time up to k = 1024 (benchmarks/results/candidate_mask.json);
 # k between 1024 and V / 16 is not measured, nor is any of it on GPU.
 SELECT_INSTEAD_OF_SORT = 16
+# Where top-p without top-k is found by bisection rather than a sort: on CPU it took a fraction of
+# the sort's time (benchmarks/results/candidate_mask.json). On CUDA its 31 steps are ~190 small
+# kernels where the sort is a few; benchmarks/gpu_overhead.py times both, and until a GPU has run
+# it the sort stays there.
+NUCLEUS_BY_BISECTION_ON = ("cpu",)
 
 
 def candidate_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
@@ -53,33 +58,62 @@ def candidate_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
     """Tokens that the base model's own top-k / top-p / min-p filters keep, per row [N, V].
 
     top_k ≤ 0 or ≥ V means no top-k limit; top_p = 1 and min_p = 0 disable those filters.
-    Probabilities are taken at each row's temperature (as the sampler would). With
-    ``rank_filters=False`` the caller promises that no row uses top-k or top-p (SGLang keeps that
-    as host flags on the batch): min-p alone needs no sort of the vocabulary. ``max_top_k``, a
-    host-side bound on every row's top_k (a limit on each), lets the ranks come from one top-k
-    selection instead of a sort of the whole vocabulary: SGLang's top-p mass is that of the
-    full distribution in rank order, so the first k ranks need only the first k probabilities.
+    Probabilities are taken at each row's temperature (as the sampler would). Each filter is a
+    threshold on the row's probabilities: top-k keeps p ≥ the k-th largest, top-p keeps p_i
+    whose more probable tokens hold less than top_p of the mass, min-p keeps p ≥ min_p · p_max.
+    So tokens tied at a boundary are all kept (a sampler's sort keeps them in an arbitrary
+    order), and a row's candidates depend on that row alone, not on what else is in the batch.
+
+    With ``rank_filters=False`` the caller promises that no row uses top-k or top-p (SGLang keeps
+    that as host flags on the batch): min-p alone needs no sort of the vocabulary. ``max_top_k``,
+    a host-side bound on every row's top_k, spares the sort of the whole vocabulary: at most
+    V / SELECT_INSTEAD_OF_SORT, the thresholds come from one top-k selection (SGLang's own
+    top_k_top_p_min_p_sampling_from_probs_torch does the same: top-p's mass is that of the full
+    distribution in rank order, so the first k ranks need only the first k probabilities); at
+    least V (no row limits top-k), top-p is nucleus_mask's bisection on the devices in
+    NUCLEUS_BY_BISECTION_ON.
     """
     t = temperature.float().clamp_min(1e-6)
     keep = min_p_mask(logits, min_p, t)
     if not rank_filters:
         return keep
-    n, vocab = logits.shape
+    vocab = logits.shape[1]
     probs = torch.softmax(logits.float() / t.unsqueeze(-1), dim=-1)
+    if max_top_k is not None and max_top_k >= vocab and probs.device.type in NUCLEUS_BY_BISECTION_ON:
+        return keep & nucleus_mask(probs, top_p)
     if max_top_k is not None and 0 < max_top_k <= vocab // SELECT_INSTEAD_OF_SORT:
-        sorted_probs, order = probs.topk(max_top_k, dim=-1)  # descending, like the sort's head
+        ranked = probs.topk(max_top_k, dim=-1).values  # descending: the sort's first max_top_k
     else:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(order.shape[1], device=logits.device).expand(n, -1)
-    k = torch.where((top_k <= 0) | (top_k >= vocab), vocab, top_k).unsqueeze(-1)
-    keep_sorted = rank < k
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        ranked = probs.sort(dim=-1, descending=True).values
+    width = ranked.shape[1]
+    k = torch.where((top_k <= 0) | (top_k >= vocab), width, top_k.clamp(max=width))
+    top_k_floor = ranked.gather(1, (k - 1).unsqueeze(-1))
+    # The last rank whose more probable tokens hold less than top_p; rank 0 always qualifies.
     # top_p = 1 must keep the whole tail, but a float32 cumsum reaches 1.0 before the last token.
     top_p = top_p.float().unsqueeze(-1)
-    keep_sorted &= (mass_before < top_p) | (top_p >= 1)
-    keep_sorted[:, 0] = True
-    ranked = torch.zeros_like(keep).scatter_(1, order, keep_sorted)
-    return keep & ranked
+    last = ((ranked.cumsum(-1) - ranked) < top_p).sum(-1, keepdim=True) - 1
+    top_p_floor = torch.where(top_p >= 1, 0.0, ranked.gather(1, last))
+    return keep & (probs >= torch.maximum(top_k_floor, top_p_floor))
+
+
+def nucleus_mask(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The top-p rule without a sort: token i is kept iff the mass of the tokens more probable
+    than it is below top_p, i.e. iff p_i ≥ τ, the smallest threshold with mass(p > τ) < top_p.
+    τ is found by bisection over the bit patterns of float32 (positive floats order as their
+    bits): 31 fixed steps, each one compare and one masked sum over the vocabulary — no sort, no
+    host sync, fixed shapes (CUDA-graph safe). Exact but for the summation order of the mass and
+    for ties at τ, which are all kept (a sort keeps them up to the mass, in an arbitrary order).
+    top_p ≥ 1 keeps every token."""
+    top_p = top_p.float().to(probs.device)
+    lo = torch.zeros(probs.shape[0], dtype=torch.int32, device=probs.device)
+    hi = probs.amax(-1).view(torch.int32)  # mass(p > p_max) = 0 < top_p: the top token always stays
+    for _ in range(31):  # the bits of a probability ≤ 1.0 span < 2^30
+        mid = lo + (hi - lo) // 2
+        threshold = mid.view(torch.float32).unsqueeze(-1)
+        fits = torch.where(probs > threshold, probs, 0.0).sum(-1) < top_p
+        hi = torch.where(fits, mid, hi)
+        lo = torch.where(fits, lo, mid + 1)
+    return (probs >= hi.view(torch.float32).unsqueeze(-1)) | (top_p >= 1).unsqueeze(-1)
 
 
 def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -93,10 +127,24 @@ def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor, temperature: torch.Ten
 def contrast_candidates(logits: torch.Tensor, amateur: torch.Tensor, beta: torch.Tensor,
                         keep: torch.Tensor) -> torch.Tensor:
     """(1+β)·L(h) − β·L(ĥ) on the candidates in ``keep``, −inf elsewhere, for rows that all
-    explore (β > 0): one fused pass (lerp) and an in-place fill."""
+    explore (β > 0), as a new tensor (contrast_candidates_ writes it into ``logits``)."""
+    return contrast_candidates_(logits.clone(), amateur, beta, keep)
+
+
+def contrast_candidates_(logits: torch.Tensor, amateur: torch.Tensor, beta: torch.Tensor,
+                         keep: torch.Tensor) -> torch.Tensor:
+    """contrast_candidates in place, returning ``logits``: one lerp and one fill over the rows
+    and no [N, V] temporary where the logits are fp32 (on CPU a fresh 12 MB tensor per step
+    cost more than the arithmetic). Everything that can fail (the inverted mask, fp32 copies)
+    comes before the first write, so a caller that serves the base logits on error finds them
+    intact."""
     b = beta.to(logits.device, torch.float32).unsqueeze(-1)
-    mixed = torch.lerp(logits.float(), amateur.float(), -b)  # L + (−β)(A − L) = (1+β)L − βA
-    return mixed.masked_fill_(~keep, float("-inf")).to(logits.dtype)
+    drop = ~keep
+    amateur = amateur.float()
+    if logits.dtype != torch.float32:
+        mixed = torch.lerp(logits.float(), amateur, -b).masked_fill_(drop, float("-inf"))
+        return logits.copy_(mixed)
+    return logits.lerp_(amateur, -b).masked_fill_(drop, float("-inf"))  # L + (−β)(A − L) = (1+β)L − βA
 
 
 def post_filter_logits(logits: torch.Tensor, amateur: torch.Tensor, beta: torch.Tensor,

@@ -24,7 +24,7 @@ from esamp_sgl.distiller import DistillerBank, RowGroups
 from esamp_sgl.graph_rows import GraphRows
 from esamp_sgl.lane import CudaStreamLane, DeferredLane
 from esamp_sgl.latent_step import distill_and_mix
-from esamp_sgl.mix import candidate_mask, contrast_candidates
+from esamp_sgl.mix import candidate_mask, contrast_candidates_
 from esamp_sgl.seeded import seeded_sample
 from esamp_sgl.slots import NoFreeSlot, SlotTable
 from esamp_sgl.transfer import to_device
@@ -348,8 +348,8 @@ class SchedulerState:
                                   of_rows(sampling_info.min_ps), of_rows(sampling_info.temperatures.view(-1)),
                                   rank_filters=uses_rank_filters(sampling_info),
                                   max_top_k=max(step.top_k[i] for i in exploring))
-        with self.timed("reweight"):
-            mixed = contrast_candidates(base, of_rows(amateur), of_rows(step.beta), keep)
+        with self.timed("reweight"):  # in place: into SGLang's logits, or into the rows' copy
+            mixed = contrast_candidates_(base, of_rows(amateur), of_rows(step.beta), keep)
             return mixed if rows is None else logits.index_copy_(0, rows, mixed)
 
     # --- amateur logits L(ĥ) for the post-filter, in the LM head's own pass ------------------

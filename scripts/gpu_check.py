@@ -90,6 +90,9 @@ def main() -> int:
             for batch, row in report["overhead_llama7b"]["batches"].items():
                 print(f"batch {batch:>3}: decode {row['decode_step_ms']:.2f} ms, with ESamp {row['with_esamp_ms']:.2f} ms"
                       f" ({row['overhead']:+.2%})", flush=True)
+            for batch, paths in report["overhead_llama7b"]["candidate_masks"]["ms"].items():
+                print(f"batch {batch:>3} candidate masks (ms): "
+                      + ", ".join(f"{name} {ms:.3f}" for name, ms in paths.items()), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     failed = [n for n, e in report["checks"].items() if e["status"] == "failed"]

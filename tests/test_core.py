@@ -11,7 +11,8 @@ from esamp_sgl.config import ESampConfig, bytes_per_group, scheduled_beta
 from esamp_sgl.distiller import DistillerBank, RowGroups, distiller_forward, init_slot
 from esamp_sgl.lane import DeferredLane
 from esamp_sgl.latent_step import distill_and_mix_torch
-from esamp_sgl.mix import candidate_mask, contrast_candidates, mix_hidden, novelty, post_filter_logits
+from esamp_sgl.mix import (candidate_mask, contrast_candidates, contrast_candidates_, mix_hidden, novelty,
+                           post_filter_logits)
 from esamp_sgl.slots import NoFreeSlot, SlotTable
 
 D = 24
@@ -89,23 +90,39 @@ def test_min_p_mask_in_the_log_domain_is_the_probability_rule():
 
 @pytest.mark.parametrize("top_p", [1.0, 0.9, 0.3])
 def test_top_k_selection_gives_the_sort_s_candidates(top_p):
-    """With a host bound on top_k the ranks come from one top-k selection, not a sort of the
-    vocabulary: the same candidates, for k below and at the bound, with top-p and min-p on top."""
+    """With a host bound on top_k the thresholds come from one top-k selection, not a sort of the
+    vocabulary: the same candidates, for k below and at the bound, with top-p and min-p on top;
+    tokens tied at the k-th rank are all kept, and a row's candidates do not depend on the batch."""
     gen = torch.Generator().manual_seed(7)
     n, vocab = 6, 4096
     logits = torch.randn(n, vocab, generator=gen) * 3
-    logits[0, :50] = logits[0, 0]  # a tie across the top
+    logits[0, :50] = logits[0].max() + 1  # 50 tokens tied at the top, top_k 40
     top_k = torch.tensor([40, 1, 7, 256, 256, 100])
     top_p_rows, min_p = torch.full((n,), top_p), torch.tensor([0.0, 0.0, 0.1, 0.0, 0.01, 0.0])
     temperature = torch.tensor([1.0, 0.7, 1.0, 1.5, 0.8, 1.0])
     sorted_mask = candidate_mask(logits, top_k, top_p_rows, min_p, temperature)
     selected = candidate_mask(logits, top_k, top_p_rows, min_p, temperature, max_top_k=256)
-    if top_p == 1.0:  # ties at the k-th rank may pick different tokens: only row 0 has one, by design
-        assert selected[0].sum() == sorted_mask[0].sum() == 40
-        assert torch.equal(selected[1:], sorted_mask[1:])
-    else:
-        assert torch.equal(selected[1:], sorted_mask[1:]) and selected[0].sum() == sorted_mask[0].sum()
-    assert (selected.sum(-1)[1:4] <= top_k[1:4]).all() and selected[3].sum() > 7
+    assert torch.equal(selected, sorted_mask)
+    assert selected[0].sum() == 50 and selected[1].sum() == 1 and 7 < selected[3].sum() <= 256
+    alone = candidate_mask(logits[5:], top_k[5:], top_p_rows[5:], min_p[5:], temperature[5:], max_top_k=100)
+    assert torch.equal(alone[0], selected[5])
+
+
+def test_nucleus_by_bisection_gives_the_sort_s_candidates():
+    """No row limits top-k (the host bound is SGLang's TOP_K_ALL): top-p by bisection over the
+    threshold, no sort; the same candidates as the sort's for peaked to flat rows, min-p on top,
+    ties at the threshold included."""
+    gen = torch.Generator().manual_seed(8)
+    n, vocab = 8, 5000
+    logits = torch.randn(n, vocab, generator=gen) * torch.tensor([0.5, 1, 2, 3, 4, 5, 6, 8]).unsqueeze(-1)
+    logits[1, 100:400] = logits[1].max() + 1  # 300 tied at the top of a flat row: top-p 0.5 keeps them all
+    unlimited = torch.full((n,), 1 << 30)
+    top_p = torch.tensor([0.1, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0, 0.3])
+    min_p, temperature = torch.tensor([0, 0, 0, 0.001, 0, 0, 0, 0.0]), torch.tensor([1, 0.8, 1.2, 1, 0.5, 1, 1, 2.0])
+    sorted_mask = candidate_mask(logits, unlimited, top_p, min_p, temperature)
+    bisected = candidate_mask(logits, unlimited, top_p, min_p, temperature, max_top_k=1 << 30)
+    assert torch.equal(bisected, sorted_mask)
+    assert bisected[6].all() and bisected[1, 100:400].all() and 300 <= bisected[1].sum() < vocab
 
 
 def test_contrast_of_exploring_rows_is_the_dense_post_filter():
@@ -114,6 +131,11 @@ def test_contrast_of_exploring_rows_is_the_dense_post_filter():
     beta = torch.tensor([0.25, 0.5, 1.0, 2.0])
     keep = candidate_mask(logits, torch.zeros(4, dtype=torch.int64), torch.ones(4), torch.full((4,), 0.05), torch.ones(4))
     out = contrast_candidates(logits, amateur, beta, keep)
+    in_place = logits.clone()
+    assert contrast_candidates_(in_place, amateur, beta, keep) is in_place and torch.equal(in_place, out)
+    half = logits.to(torch.bfloat16)  # written back in the logits' dtype, computed in fp32
+    want_half = contrast_candidates(half.float(), amateur, beta, keep).to(torch.bfloat16)
+    assert torch.equal(contrast_candidates_(half.clone(), amateur, beta, keep), want_half)
     want = (1 + beta.unsqueeze(-1)) * logits - beta.unsqueeze(-1) * amateur
     torch.testing.assert_close(out[keep], want[keep], rtol=1e-5, atol=1e-5)
     assert torch.isneginf(out[~keep]).all() and torch.equal(post_filter_logits(logits, amateur, beta, keep), out)

@@ -37,3 +37,5 @@ def test_gpu_check_script_runs_without_sglang_and_reports(tmp_path):
     assert all(entry["status"] == "skipped" for entry in report["checks"].values())
     dry_run = report["overhead_cpu_dry_run"]["batches"]  # the 7B timing's code, at toy shapes
     assert set(dry_run) == {"1", "16"} and all(row["training_steps"] > 0 for row in dry_run.values())
+    masks = report["overhead_cpu_dry_run"]["candidate_masks"]["ms"]
+    assert set(masks) == {"1", "16"} and all(len(paths) == 4 and min(paths.values()) > 0 for paths in masks.values())
