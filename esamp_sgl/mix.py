@@ -45,11 +45,13 @@ def novelty(h: torch.Tensor, h_hat: torch.Tensor) -> torch.Tensor:
 # selection took 5-21% of the sort's time up to k = 1024 (benchmarks/results/candidate_mask.json);
 # k between 1024 and V / 16 is not measured, nor is any of it on GPU.
 SELECT_INSTEAD_OF_SORT = 16
-# Where top-p without top-k is found by bisection rather than a sort: on CPU it took a fraction of
-# the sort's time (benchmarks/results/candidate_mask.json). On CUDA its 31 steps are ~190 small
-# kernels where the sort is a few; benchmarks/gpu_overhead.py times both, and until a GPU has run
-# it the sort stays there.
+# Where top-p without top-k is found by bisection rather than a sort. On CPU it took 0.36-0.61 of
+# the sort's time up to 3.1M probabilities per step (64 rows of 49k, 16 of 152k) but 1.25 at 9.7M
+# (64 of 152k: its 31 passes no longer fit in cache; benchmarks/results/candidate_mask.json). On
+# CUDA its 31 steps are ~190 small kernels where the sort is a few; benchmarks/gpu_overhead.py
+# times both, and until a GPU has run it the sort stays there.
 NUCLEUS_BY_BISECTION_ON = ("cpu",)
+BISECTION_MAX_ELEMENTS = 4_000_000
 
 
 def candidate_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
@@ -71,7 +73,7 @@ def candidate_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
     top_k_top_p_min_p_sampling_from_probs_torch does the same: top-p's mass is that of the full
     distribution in rank order, so the first k ranks need only the first k probabilities); at
     least V (no row limits top-k), top-p is nucleus_mask's bisection on the devices in
-    NUCLEUS_BY_BISECTION_ON.
+    NUCLEUS_BY_BISECTION_ON, for up to BISECTION_MAX_ELEMENTS probabilities.
     """
     t = temperature.float().clamp_min(1e-6)
     keep = min_p_mask(logits, min_p, t)
@@ -79,7 +81,8 @@ def candidate_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
         return keep
     vocab = logits.shape[1]
     probs = torch.softmax(logits.float() / t.unsqueeze(-1), dim=-1)
-    if max_top_k is not None and max_top_k >= vocab and probs.device.type in NUCLEUS_BY_BISECTION_ON:
+    if (max_top_k is not None and max_top_k >= vocab and probs.device.type in NUCLEUS_BY_BISECTION_ON
+            and probs.numel() <= BISECTION_MAX_ELEMENTS):
         return keep & nucleus_mask(probs, top_p)
     if max_top_k is not None and 0 < max_top_k <= vocab // SELECT_INSTEAD_OF_SORT:
         ranked = probs.topk(max_top_k, dim=-1).values  # descending: the sort's first max_top_k
