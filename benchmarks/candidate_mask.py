@@ -19,11 +19,10 @@ import time
 import torch
 
 from esamp_sgl.benchmarks.results_io import save_result
-from esamp_sgl.mix import candidate_mask
+from esamp_sgl.mix import TOP_K_ALL, candidate_mask
 
 VOCABS = (49152, 151936)  # SmolLM2, Qwen2.5
 TOP_KS = (20, 50, 1024, None)  # None: no top-k limit
-TOP_K_ALL = 1 << 30  # SGLang's top_k for "whole vocabulary"
 
 
 def timed(fn) -> float:

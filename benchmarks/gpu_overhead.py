@@ -26,7 +26,7 @@ from esamp_sgl.config import ESampConfig
 from esamp_sgl.distiller import DistillerBank
 from esamp_sgl.lane import CudaStreamLane, DeferredLane
 from esamp_sgl.latent_step import distill_and_mix
-from esamp_sgl.mix import candidate_mask, contrast_candidates_, nucleus_mask
+from esamp_sgl.mix import TOP_K_ALL, candidate_mask, contrast_candidates_, nucleus_mask
 from esamp_sgl.transfer import to_device
 
 
@@ -47,7 +47,7 @@ ROWS_PER_GROUP = 8
 STEPS = 20
 BETA, MIN_P = 0.5, 0.05
 QWEN_VOCAB = 151936  # the candidate masks are timed at Qwen2.5's vocabulary
-TOP_K, TOP_P, TOP_K_ALL = 50, 0.95, 1 << 30
+TOP_K, TOP_P = 50, 0.95
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

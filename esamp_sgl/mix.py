@@ -52,6 +52,9 @@ SELECT_INSTEAD_OF_SORT = 16
 # times both, and until a GPU has run it the sort stays there.
 NUCLEUS_BY_BISECTION_ON = ("cpu",)
 BISECTION_MAX_ELEMENTS = 4_000_000
+# SGLang's top_k for "the whole vocabulary" (sampling_params.TOP_K_ALL, 0.5.23), as a request's
+# top_k reaches the candidate mask; named here so that code without SGLang can pass it too.
+TOP_K_ALL = 1 << 30
 
 
 def candidate_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,

@@ -11,7 +11,7 @@ from esamp_sgl.config import ESampConfig, bytes_per_group, scheduled_beta
 from esamp_sgl.distiller import DistillerBank, RowGroups, distiller_forward, init_slot
 from esamp_sgl.lane import DeferredLane
 from esamp_sgl.latent_step import distill_and_mix_torch
-from esamp_sgl.mix import (candidate_mask, contrast_candidates, contrast_candidates_, mix_hidden, novelty,
+from esamp_sgl.mix import (TOP_K_ALL, candidate_mask, contrast_candidates, contrast_candidates_, mix_hidden, novelty,
                            post_filter_logits)
 from esamp_sgl.slots import NoFreeSlot, SlotTable
 
@@ -116,11 +116,14 @@ def test_nucleus_by_bisection_gives_the_sort_s_candidates():
     n, vocab = 8, 5000
     logits = torch.randn(n, vocab, generator=gen) * torch.tensor([0.5, 1, 2, 3, 4, 5, 6, 8]).unsqueeze(-1)
     logits[1, 100:400] = logits[1].max() + 1  # 300 tied at the top of a flat row: top-p 0.5 keeps them all
-    unlimited = torch.full((n,), 1 << 30)
+    from sglang.srt.sampling.sampling_params import TOP_K_ALL as SGLANG_TOP_K_ALL
+
+    assert TOP_K_ALL == SGLANG_TOP_K_ALL
+    unlimited = torch.full((n,), TOP_K_ALL)
     top_p = torch.tensor([0.1, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0, 0.3])
     min_p, temperature = torch.tensor([0, 0, 0, 0.001, 0, 0, 0, 0.0]), torch.tensor([1, 0.8, 1.2, 1, 0.5, 1, 1, 2.0])
     sorted_mask = candidate_mask(logits, unlimited, top_p, min_p, temperature)
-    bisected = candidate_mask(logits, unlimited, top_p, min_p, temperature, max_top_k=1 << 30)
+    bisected = candidate_mask(logits, unlimited, top_p, min_p, temperature, max_top_k=TOP_K_ALL)
     assert torch.equal(bisected, sorted_mask)
     assert bisected[6].all() and bisected[1, 100:400].all() and 300 <= bisected[1].sum() < vocab
 
@@ -341,7 +344,7 @@ def test_seeded_sampling_is_reproducible_and_follows_the_filters():
     from esamp_sgl.seeded import seeded_sample
 
     probs = torch.softmax(torch.randn(3, 40, generator=torch.Generator().manual_seed(5)), dim=-1)
-    no_k, no_p, no_min = torch.full((3,), 1 << 30), torch.ones(3), torch.zeros(3)
+    no_k, no_p, no_min = torch.full((3,), TOP_K_ALL), torch.ones(3), torch.zeros(3)
     first = seeded_sample(probs, no_k, no_p, no_min, [7, 7, 8], [10, 11, 10])
     again = seeded_sample(probs, no_k, no_p, no_min, [7, 7, 8], [10, 11, 10])
     assert torch.equal(first, again)
