@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from esamp_sgl.config import ESampConfig
+from esamp_sgl.distiller_grads import loss_and_grads
 from esamp_sgl.transfer import to_device
 
 PARAM_NAMES = ("A", "G", "b", "B", "ln_w", "ln_b")
@@ -48,15 +49,17 @@ class RowGroups:
 
     @classmethod
     def of(cls, slot: torch.Tensor | list[int], device: torch.device) -> "RowGroups":
-        slot = torch.as_tensor(slot, device="cpu")
-        live = torch.unique(slot[slot >= 0])
-        members = [(slot == s).nonzero().squeeze(1) for s in live.tolist()]
-        width = max((len(m) for m in members), default=0)
-        index = torch.full((len(live), width), len(slot), dtype=torch.int64)
-        for i, m in enumerate(members):
-            index[i, : len(m)] = m
-        return cls(to_device(live, torch.int64, device), to_device(index, torch.int64, device),
-                   to_device(index < len(slot), torch.bool, device))
+        slot = slot.tolist() if isinstance(slot, torch.Tensor) else list(slot)
+        members: dict[int, list[int]] = {}
+        for row, s in enumerate(slot):  # plain Python: a few rows, and no tiny-tensor ops
+            if s >= 0:
+                members.setdefault(s, []).append(row)
+        live = sorted(members)
+        width = max((len(m) for m in members.values()), default=0)
+        padded = [members[s] + [len(slot)] * (width - len(members[s])) for s in live]
+        index = torch.tensor(padded, dtype=torch.int64).view(len(live), width)
+        return cls(to_device(torch.tensor(live, dtype=torch.int64), torch.int64, device),
+                   to_device(index, torch.int64, device), to_device(index < len(slot), torch.bool, device))
 
 
 def distiller_forward_grouped(params: Params, x: torch.Tensor, groups: RowGroups) -> torch.Tensor:
@@ -159,22 +162,21 @@ class DistillerBank:
         groups = RowGroups.of(slot, self.device)
         if len(groups.live) == 0:
             return
-        with torch.inference_mode(False), torch.enable_grad():
-            # The server loop runs in inference mode; autograd needs ordinary tensors: clone.
-            x, h = x.to(torch.float32).clone(), h.to(torch.float32).clone()
-            target = torch.cat([h, h.new_zeros(1, h.shape[1])]).index_select(0, groups.index.flatten())
-            target = target.view(*groups.index.shape, -1)
-            valid = groups.valid.to(torch.float32)
-            for step in range(self.cfg.steps_per_decode):
-                # index_select copies: the slots' weights as fresh leaves for autograd.
-                sub = tuple(p.index_select(0, groups.live).requires_grad_(True) for p in self.params)
-                row_loss = (distiller_forward_grouped(sub, x, groups) - target).pow(2).mean(-1) * valid
-                slot_loss = row_loss.sum(1) / valid.sum(1)
-                if step == 0:
-                    self.last_loss = (groups.live, slot_loss.detach())
-                grads = torch.autograd.grad(slot_loss.sum(), sub)
-                with torch.no_grad():
-                    updated = self._apply_update(groups.live, sub, grads)
+        L, n = groups.index.shape
+        flat_index = groups.index.flatten()
+        rows = torch.cat([x.to(torch.float32), x.new_zeros(1, x.shape[1], dtype=torch.float32)])
+        rows = rows.index_select(0, flat_index).view(L, n, -1)
+        target = torch.cat([h.to(torch.float32), h.new_zeros(1, h.shape[1], dtype=torch.float32)])
+        target = target.index_select(0, flat_index).view(L, n, -1)
+        valid = groups.valid.to(torch.float32)
+        weight = valid / valid.sum(1, keepdim=True)
+        for step in range(self.cfg.steps_per_decode):
+            # index_select copies: the live slots' weights, updated in place and written back.
+            sub = tuple(p.index_select(0, groups.live) for p in self.params)
+            slot_loss, grads = loss_and_grads(sub, rows, target, weight)
+            if step == 0:
+                self.last_loss = (groups.live, slot_loss)
+            updated = self._apply_update(groups.live, sub, grads)
         self._reset_non_finite(groups.live, updated)
         self.train_steps += 1
 
@@ -195,7 +197,7 @@ class DistillerBank:
         step); returns them, as written."""
         cfg = self.cfg
         self.slot_steps[live] += 1
-        updated = tuple(s.detach() for s in sub)
+        updated = sub
         if cfg.optimizer == "sgd":
             for p, s, g in zip(self.params, updated, grads):
                 p.index_copy_(0, live, s.sub_(g, alpha=cfg.lr))

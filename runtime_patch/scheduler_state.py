@@ -24,7 +24,7 @@ from esamp_sgl.distiller import DistillerBank, RowGroups
 from esamp_sgl.graph_rows import GraphRows
 from esamp_sgl.lane import CudaStreamLane, DeferredLane
 from esamp_sgl.latent_step import distill_and_mix
-from esamp_sgl.mix import candidate_mask, contrast_candidates_
+from esamp_sgl.mix import FLOAT_PASSES_ON, candidate_mask, contrast_above_floor_, contrast_candidates_, min_p_floor
 from esamp_sgl.seeded import seeded_sample
 from esamp_sgl.slots import NoFreeSlot, SlotTable
 from esamp_sgl.transfer import to_device
@@ -331,7 +331,8 @@ class SchedulerState:
     def post_filter(self, logits: torch.Tensor, amateur: torch.Tensor, sampling_info) -> torch.Tensor:
         """Post-filter mode: the base logits' own top-k/top-p/min-p pick the candidates, and the
         contrast (1+β)·L(h) − β·L(ĥ) reweights only those. Only the exploring rows (host-side β)
-        are computed; they are written back into ``logits`` in place, rows with β = 0 untouched."""
+        are computed; they are written back into ``logits`` in place, rows with β = 0 untouched.
+        ``amateur`` is consumed (the float-pass path writes the contrast into it)."""
         step = self.current
         exploring = [i for i, b in enumerate(step.beta_host) if b > 0]
         if not exploring:
@@ -342,14 +343,23 @@ class SchedulerState:
         def of_rows(t: torch.Tensor) -> torch.Tensor:
             return t if rows is None else t.index_select(0, rows)
 
+        rank_filters = uses_rank_filters(sampling_info)
+        float_passes = (not rank_filters and logits.device.type in FLOAT_PASSES_ON
+                        and logits.dtype == amateur.dtype == torch.float32)
         with self.timed("candidate_mask"):
             base = of_rows(logits)
-            keep = candidate_mask(base, of_rows(sampling_info.top_ks), of_rows(sampling_info.top_ps),
-                                  of_rows(sampling_info.min_ps), of_rows(sampling_info.temperatures.view(-1)),
-                                  rank_filters=uses_rank_filters(sampling_info),
-                                  max_top_k=max(step.top_k[i] for i in exploring))
+            min_p, temperature = of_rows(sampling_info.min_ps), of_rows(sampling_info.temperatures.view(-1))
+            if float_passes:
+                floor = min_p_floor(base, min_p, temperature)
+            else:
+                keep = candidate_mask(base, of_rows(sampling_info.top_ks), of_rows(sampling_info.top_ps), min_p,
+                                      temperature, rank_filters=rank_filters,
+                                      max_top_k=max(step.top_k[i] for i in exploring))
         with self.timed("reweight"):  # in place: into SGLang's logits, or into the rows' copy
-            mixed = contrast_candidates_(base, of_rows(amateur), of_rows(step.beta), keep)
+            if float_passes:  # amateur (ESamp's own L(ĥ)) is consumed as scratch
+                mixed = contrast_above_floor_(base, of_rows(amateur), of_rows(step.beta), floor)
+            else:
+                mixed = contrast_candidates_(base, of_rows(amateur), of_rows(step.beta), keep)
             return mixed if rows is None else logits.index_copy_(0, rows, mixed)
 
     # --- amateur logits L(ĥ) for the post-filter, in the LM head's own pass ------------------

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from esamp_sgl.config import ESampConfig, bytes_per_group, scheduled_beta
-from esamp_sgl.distiller import DistillerBank, RowGroups, distiller_forward, init_slot
+from esamp_sgl.distiller import PARAM_NAMES, DistillerBank, RowGroups, distill, distiller_forward, init_slot
+from esamp_sgl.distiller_grads import loss_and_grads
 from esamp_sgl.lane import DeferredLane
 from esamp_sgl.latent_step import distill_and_mix_torch
-from esamp_sgl.mix import (TOP_K_ALL, candidate_mask, contrast_candidates, contrast_candidates_, mix_hidden, novelty,
-                           post_filter_logits)
+from esamp_sgl.mix import (TOP_K_ALL, candidate_mask, contrast_above_floor_, contrast_candidates, contrast_candidates_,
+                           min_p_floor, mix_hidden, novelty, post_filter_logits)
 from esamp_sgl.slots import NoFreeSlot, SlotTable
 
 D = 24
@@ -144,6 +145,25 @@ def test_contrast_of_exploring_rows_is_the_dense_post_filter():
     assert torch.isneginf(out[~keep]).all() and torch.equal(post_filter_logits(logits, amateur, beta, keep), out)
 
 
+def test_float_pass_contrast_is_the_boolean_one():
+    """The min-p-only post-filter in float passes gives the boolean mask's candidates exactly
+    (tokens exactly at the floor kept, min_p = 0 keeps every token, −inf logits stay −inf) and its
+    contrast up to the rounding of the other lerp form."""
+    gen = torch.Generator().manual_seed(5)
+    logits, amateur = torch.randn(5, 400, generator=gen) * 4, torch.randn(5, 400, generator=gen) * 4
+    logits[1, 7] = float("-inf")
+    beta = torch.tensor([0.25, 0.5, 1.0, 2.0, 4.0])
+    min_p, temperature = torch.tensor([0.05, 0.0, 0.1, 0.5, 0.01]), torch.tensor([0.8, 1.0, 1.3, 0.0, 1.0])
+    floor = min_p_floor(logits, min_p, temperature)
+    floor[2] = logits[2, 11]  # a token exactly at its row's floor
+    keep = logits >= floor
+    want = contrast_candidates(logits, amateur, beta, keep)
+    got = contrast_above_floor_(logits.clone(), amateur.clone(), beta, floor)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want)) and not got.isnan().any()
+    assert keep[2, 11] and keep[1].all() and keep[3].sum() == 1 and 1 < keep[0].sum() < 400
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("top_k", [5, 0])  # 0: every token a candidate
 def test_post_filter_reweights_only_candidates(top_k):
     gen = torch.Generator().manual_seed(1)
@@ -172,6 +192,30 @@ def test_training_lowers_the_loss(optimizer):
         bank.train_step(x, h, slot)
     assert bank.losses()[0] < 0.5 * first
     assert bank.train_steps == 61
+
+
+def test_hand_written_gradients_are_autograd_s():
+    """loss_and_grads: the per-slot loss and the gradients of its sum equal autograd's on the
+    reference forward, padding rows (weight 0) included."""
+    gen = torch.Generator().manual_seed(9)
+    L, n, r = 3, 4, 5
+    params = tuple(torch.randn(L, *shape, generator=gen) * scale for shape, scale in
+                   (((D, r), 0.3), ((D, r), 0.3), ((r,), 1.0), ((r, D), 0.3), ((D,), 1.0), ((D,), 0.5)))
+    rows, target = torch.randn(L, n, D, generator=gen, dtype=torch.float64), torch.randn(L, n, D, generator=gen)
+    params, target = tuple(p.double() for p in params), target.double()
+    counts = torch.tensor([4, 2, 1])
+    valid = torch.arange(n) < counts.unsqueeze(1)
+    rows = rows * valid.unsqueeze(-1)  # padding rows are zero, as RowGroups pads them
+    weight = valid.double() / counts.unsqueeze(1)
+    loss, grads = loss_and_grads(params, rows, target, weight)
+    leaves = tuple(p.clone().requires_grad_(True) for p in params)
+    A, G, b, B, ln_w, ln_b = leaves
+    out = distill(rows, A, G, b.unsqueeze(1), B, ln_w.unsqueeze(1), ln_b.unsqueeze(1))
+    want_loss = ((out - target).pow(2).mean(-1) * weight).sum(1)
+    want_grads = torch.autograd.grad(want_loss.sum(), leaves)
+    torch.testing.assert_close(loss, want_loss.detach())
+    for name, got, want in zip(PARAM_NAMES, grads, want_grads):
+        torch.testing.assert_close(got, want, msg=name)
 
 
 def test_groups_in_one_batch_never_influence_each_other():
