@@ -32,6 +32,7 @@ from esamp_sgl.params import check_beta, check_group
 
 _run_default: contextvars.ContextVar[float | None] = contextvars.ContextVar("esamp_run_explore", default=None)
 _GROUP_ATTR = "esamp_group"
+ROUTING_KEY = "X-SMG-Routing-Key"  # sglang-router --policy manual: one key, one worker
 
 
 class ExploreUnavailable(RuntimeError):
@@ -82,12 +83,14 @@ def server_max_beta(endpoint: RuntimeEndpoint) -> float:
     return endpoint._esamp_max_beta
 
 
-# sglang-router 0.3.2 re-serializes requests through typed structs that have no custom_params
-# (native /generate and the OpenAI endpoints alike): behind it an exploring request would reach
-# the worker as a plain one. tests/test_scale_out.py checks that it still does.
-ROUTER_DROPS_CUSTOM_PARAMS = ("{url} is SGLang's router, which drops custom_params (ESamp's esamp.beta) on "
-                              "the way to its workers, so explore= would sample plain; send exploring requests "
-                              "to an `esamp-sgl serve` server (use --dp-size N there to scale on one machine)")
+# sglang-router 0.3.2 re-serializes /generate (the DSL's route) and /v1/chat/completions through
+# typed structs that have no custom_params: behind it an exploring gen would reach its worker as a
+# plain one. Its /v1/completions keeps custom_params. tests/test_scale_out.py checks all three.
+ROUTER_DROPS_CUSTOM_PARAMS = ("{url} is SGLang's router, which drops custom_params (ESamp's esamp.beta) from "
+                              "/generate requests on the way to its workers, so explore= would sample plain; "
+                              "send exploring programs to an `esamp-sgl serve` server (--dp-size N scales it on "
+                              "one machine), or explore through the router's /v1/completions with the group as "
+                              "its X-SMG-Routing-Key header (README: Scaling out)")
 
 
 def is_sglang_router(url: str) -> bool:

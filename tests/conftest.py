@@ -91,7 +91,9 @@ class LaunchedRouter:
         self._log = open(LOG_DIR / f"{name}.log", "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
-             "--port", self.url.rsplit(":", 1)[1], "--worker-urls", *workers, *flags],
+             "--port", self.url.rsplit(":", 1)[1], "--worker-urls", *workers, *flags,
+             # its metrics listener defaults to 0.0.0.0:29000: one router at a time, off loopback
+             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())],
             stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

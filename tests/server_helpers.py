@@ -8,6 +8,8 @@ import requests
 import torch
 from safetensors import safe_open
 
+from esamp_sgl.frontend import ROUTING_KEY
+
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
 N_TOKENS = 16
 GREEDY = {"temperature": 0, "max_new_tokens": N_TOKENS, "ignore_eos": True}
@@ -26,6 +28,16 @@ def post(server, path: str, payload: dict, ok: bool = True):
 
 def gen(server, text: str, **sampling) -> dict:
     return post(server, "/generate", {"text": text, "sampling_params": sampling}).json()
+
+
+def complete_in_group(url: str, prompt: str, group: str, max_tokens: int, beta: float = 0.5) -> dict:
+    """An exploring /v1/completions request of ``group`` with the group as its routing key, as
+    README's curl example sends it through SGLang's router."""
+    body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0,
+            **explore(beta, group=group)}
+    resp = requests.post(url + "/v1/completions", json=body, headers={ROUTING_KEY: group}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
 
 
 def esamp_stats(server) -> dict:

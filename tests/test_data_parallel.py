@@ -4,14 +4,15 @@ distiller; groups spread over the ranks."""
 
 from __future__ import annotations
 
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from runtime_patch.hooks import group_dp_rank
-from tests.conftest import launch
-from tests.server_helpers import GREEDY, PROMPTS, all_esamp_stats, explore, post
-from tests.test_scale_out import FLAGS
+from tests.conftest import LaunchedRouter, launch
+from tests.server_helpers import GREEDY, PROMPTS, all_esamp_stats, complete_in_group, explore, post
+from tests.test_scale_out import FLAGS, ROUTER_FLAGS
 
 RANKS = 2
 GROUPS = [f"dp-group-{i}" for i in range(6)]
@@ -62,6 +63,20 @@ def test_a_request_that_pins_its_rank_keeps_it(server):
     out = generate(server, PROMPTS[0], routed_dp_rank=other, temperature=1.0, max_new_tokens=4,
                    **explore(0.5, group=group))
     assert out["meta_info"]["esamp"]["dp_rank"] == other
+
+
+def test_router_dp_aware_keeps_each_group_on_one_rank(server):
+    """SGLang's router with --dp-aware in front of the DP 2 server: a routing key is pinned to one
+    DP rank (the router injects it into the body; a pinned rank is kept), so the group the key
+    names is created on one rank only, and keys spread over the ranks."""
+    groups = [f"dp-router-{uuid.uuid4().hex}" for _ in range(4)]
+    before = groups_created_by_rank(server)
+    with LaunchedRouter([server.url], "--dp-aware", *ROUTER_FLAGS, name="router-dp-aware") as router:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda job: complete_in_group(router.url, job[1], job[0], 4),
+                          [(g, p) for g in groups for p in PROMPTS[:2]]))
+    after = groups_created_by_rank(server)
+    assert {r: after[r] - before[r] for r in after} == {0: 2, 1: 2}
 
 
 def test_beta_zero_is_plain_on_every_rank(server):

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 import requests
 import sglang as sgl
@@ -15,9 +16,10 @@ from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
 import esamp_sgl
 from esamp_sgl.benchmarks.parity import first_divergence, top_two_gap
+from esamp_sgl.frontend import ROUTING_KEY
 from esamp_sgl.launcher import LaunchedServer
 from tests.conftest import LaunchedRouter, launch_side_by_side
-from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore, gen, post
+from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, complete_in_group, esamp_stats, explore, gen, post
 
 FLAGS = ("--esamp-init", "random", "--esamp-lr", "0.05")
 TIE = 1e-4  # top-two logprobs closer than this are a float tie: TP's all-reduce sums in another order
@@ -92,19 +94,63 @@ def exploring(s, question):
     s += sgl.gen("answer", max_tokens=6, temperature=1.0, explore=0.5)
 
 
-def test_sglang_router_drops_custom_params_so_explore_refuses_it(servers):
-    """sglang-router 0.3.2 forwards requests through typed structs without custom_params: an
-    exploring request reaches its worker as a plain one (meta has no esamp). explore= refuses
-    a router URL rather than sample plain in silence. When a router version carries
-    custom_params, the assertion on the router's answer fails: then route groups with
-    X-SMG-Routing-Key."""
-    body = {"text": PROMPTS[0], "sampling_params": {"temperature": 1.0, "max_new_tokens": 4,
-                                                    **explore(0.5, group="via-router")}}
-    assert "esamp" in post(servers[0], "/generate", body).json()["meta_info"]
-    with LaunchedRouter([s.url for s in servers], "--policy", "manual", name="router-replicas") as router:
-        resp = requests.post(router.url + "/generate", json=body, headers={"X-SMG-Routing-Key": "via-router"},
-                             timeout=120)
-        assert resp.status_code == 200 and "esamp" not in resp.json()["meta_info"]
-        state = exploring.run("Q:", backend=RuntimeEndpoint(router.url))
-        assert isinstance(state.error(), esamp_sgl.ExploreUnavailable)
-        assert "drops custom_params" in str(state.error())
+ROUTER_FLAGS = ("--policy", "manual", "--assignment-mode", "min_group")
+
+
+@pytest.fixture(scope="module")
+def router(servers) -> Iterator[LaunchedRouter]:
+    """SGLang's router in front of the two servers as replicas: a request's X-SMG-Routing-Key
+    picks its replica once (the replica with the fewest keys) and keeps it there."""
+    with LaunchedRouter([s.url for s in servers], *ROUTER_FLAGS, name="router-replicas") as launched:
+        yield launched
+
+
+def counters(servers: list[LaunchedServer], name: str) -> list[int]:
+    return [esamp_stats(s)[name] for s in servers]
+
+
+def test_router_keeps_each_group_on_one_replica(servers, router):
+    """The README's commands: the OpenAI client (extra_body, extra_headers) and curl's body with
+    the group as routing key, on /v1/completions through the router. Every token of every request
+    is mixed, and each group is created on exactly one replica (a group split over the two would
+    be created on both); groups spread over the replicas."""
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="none")
+    model = client.models.list().data[0].id
+    groups = [f"router-{uuid.uuid4().hex}" for _ in range(4)]
+    max_tokens = 4
+
+    def complete_openai(job: tuple[str, str]) -> None:
+        group, prompt = job
+        client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=1.0,
+                                  extra_body=explore(0.5, group=group), extra_headers={ROUTING_KEY: group})
+
+    created, mixed = counters(servers, "groups_created"), counters(servers, "mixed_tokens")
+    jobs = [(g, p) for g in groups for p in PROMPTS[:2]]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(complete_openai, jobs[::2]))
+        list(pool.map(lambda job: complete_in_group(router.url, job[1], job[0], max_tokens), jobs[1::2]))
+    created = [a - b for a, b in zip(counters(servers, "groups_created"), created)]
+    mixed = [a - b for a, b in zip(counters(servers, "mixed_tokens"), mixed)]
+    assert sum(mixed) == len(jobs) * max_tokens
+    assert created == [2, 2]
+
+
+def test_router_drops_custom_params_on_generate_and_chat_so_explore_refuses_it(servers, router):
+    """sglang-router 0.3.2 re-serializes /generate and /v1/chat/completions through typed structs
+    without custom_params (/v1/completions keeps it): an exploring request there reaches its
+    worker as a plain one. The DSL, which sends /generate, refuses a router URL rather than sample
+    plain in silence. When a router version carries custom_params, this test fails: then let the
+    DSL explore through the router too."""
+    group = "via-router-" + uuid.uuid4().hex
+    mixed = counters(servers, "mixed_tokens")
+    resp = requests.post(router.url + "/generate", headers={ROUTING_KEY: group}, timeout=120, json={
+        "text": PROMPTS[0], "sampling_params": {"temperature": 1.0, "max_new_tokens": 4, **explore(0.5, group=group)}})
+    assert resp.status_code == 200 and "esamp" not in resp.json()["meta_info"]
+    chat = {"model": "any", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 4,
+            **explore(0.5, group=group)}
+    assert requests.post(router.url + "/v1/chat/completions", json=chat, headers={ROUTING_KEY: group},
+                         timeout=120).status_code == 200
+    assert counters(servers, "mixed_tokens") == mixed
+    state = exploring.run("Q:", backend=RuntimeEndpoint(router.url))
+    assert isinstance(state.error(), esamp_sgl.ExploreUnavailable)
+    assert "drops custom_params" in str(state.error())
