@@ -28,11 +28,11 @@ import sglang
 from sglang.lang import api, interpreter, ir
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
+from esamp_sgl import router_route
 from esamp_sgl.params import check_beta, check_group
 
 _run_default: contextvars.ContextVar[float | None] = contextvars.ContextVar("esamp_run_explore", default=None)
 _GROUP_ATTR = "esamp_group"
-ROUTING_KEY = "X-SMG-Routing-Key"  # sglang-router --policy manual: one key, one worker
 
 
 class ExploreUnavailable(RuntimeError):
@@ -64,41 +64,38 @@ def gen(name: str | None = None, *args: Any, explore: float | None = None, explo
 
 def server_max_beta(endpoint: RuntimeEndpoint) -> float:
     """The largest β the server accepts; ExploreUnavailable unless ESamp is active in every
-    scheduler (a server without the runtime patch would silently sample plain). Cached."""
+    scheduler (a server without the runtime patch would silently sample plain). Behind SGLang's
+    router, every worker it lists is asked, and exploring gens take the router's route
+    (router_route). Cached."""
     cached = getattr(endpoint, "_esamp_max_beta", None)
     if cached is not None:
         return cached
+    url = endpoint.base_url
     try:
-        resp = requests.get(endpoint.base_url + "/server_info", timeout=30)
-        if resp.status_code == 404 and is_sglang_router(endpoint.base_url):
-            raise ExploreUnavailable(ROUTER_DROPS_CUSTOM_PARAMS.format(url=endpoint.base_url))
-        resp.raise_for_status()
-        states = [s.get("esamp", {}) for s in resp.json().get("internal_states", [])]
+        resp = requests.get(url + "/server_info", timeout=30)
+        if resp.status_code == 404 and router_route.is_sglang_router(url):
+            endpoint._esamp_via_router = True
+            states = [s for worker in router_route.worker_urls(url)
+                      for s in _esamp_states(requests.get(worker + "/server_info", timeout=30))]
+        else:
+            states = _esamp_states(resp)
     except requests.RequestException as e:
-        raise ExploreUnavailable(f"cannot ask {endpoint.base_url} whether it runs ESamp: {e}") from e
+        raise ExploreUnavailable(f"cannot ask {url} whether it runs ESamp: {e}") from e
     if not states or not all(s.get("active") for s in states):
         raise ExploreUnavailable(f"explore= needs a server started with `esamp-sgl serve` (ESamp active); "
-                                 f"{endpoint.base_url} does not run ESamp")
+                                 f"{url} does not run ESamp" + (" on every worker" if _via_router(endpoint) else ""))
     endpoint._esamp_max_beta = min(s["max_beta"] for s in states)
     return endpoint._esamp_max_beta
 
 
-# sglang-router 0.3.2 re-serializes /generate (the DSL's route) and /v1/chat/completions through
-# typed structs that have no custom_params: behind it an exploring gen would reach its worker as a
-# plain one. Its /v1/completions keeps custom_params. tests/test_scale_out.py checks all three.
-ROUTER_DROPS_CUSTOM_PARAMS = ("{url} is SGLang's router, which drops custom_params (ESamp's esamp.beta) from "
-                              "/generate requests on the way to its workers, so explore= would sample plain; "
-                              "send exploring programs to an `esamp-sgl serve` server (--dp-size N scales it on "
-                              "one machine), or explore through the router's /v1/completions with the group as "
-                              "its X-SMG-Routing-Key header (README: Scaling out)")
+def _esamp_states(resp: requests.Response) -> list[dict]:
+    """ESamp's entry of every scheduler in a /server_info answer."""
+    resp.raise_for_status()
+    return [s.get("esamp", {}) for s in resp.json().get("internal_states", [])]
 
 
-def is_sglang_router(url: str) -> bool:
-    """Whether ``url`` answers as sglang-router does (it has /workers and no /server_info)."""
-    try:
-        return requests.get(url + "/workers", timeout=10).ok
-    except requests.RequestException:
-        return False
+def _via_router(endpoint: Any) -> bool:
+    return getattr(endpoint, "_esamp_via_router", False)
 
 
 def _endpoint(backend: Any) -> Any:
@@ -151,6 +148,18 @@ def _to_srt_kwargs(original: Callable, params: Any) -> dict:
     return kwargs
 
 
+def _generate(original: Callable, endpoint: Any, s: Any, sampling_params: Any) -> Any:
+    if getattr(sampling_params, "esamp", None) is not None and _via_router(endpoint):
+        return router_route.generate(endpoint, s, sampling_params)
+    return original(endpoint, s, sampling_params)
+
+
+def _generate_stream(original: Callable, endpoint: Any, s: Any, sampling_params: Any) -> Any:
+    if getattr(sampling_params, "esamp", None) is not None and _via_router(endpoint):
+        return router_route.generate_stream(endpoint, s, sampling_params)
+    return original(endpoint, s, sampling_params)
+
+
 def _run_with_explore(original: Callable, function: Any, *args: Any, explore: float | None = None, **kwargs: Any) -> Any:
     """SglFunction.run / run_batch with an ``explore=`` default for every gen in the program."""
     if explore is not None:
@@ -196,6 +205,8 @@ def install() -> None:
     _around(interpreter.StreamExecutor, "fork", _fork)
     _around(interpreter.StreamExecutor, "_resolve_sampling_params", _resolve_sampling_params)
     _around(ir.SglSamplingParams, "to_srt_kwargs", _to_srt_kwargs)
+    _around(RuntimeEndpoint, "generate", _generate)
+    _around(RuntimeEndpoint, "generate_stream", _generate_stream)
     _around(ir.SglFunction, "run", _run_with_explore)
     _around(ir.SglFunction, "run_batch", _run_with_explore)
     _around(interpreter, "run_program", _program_with_default)

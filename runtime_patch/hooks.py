@@ -107,6 +107,18 @@ def summarize_meta_info(result: None, manager: Any, meta_info: dict, *args: Any,
         meta_info["esamp_debug"] = [{k: e[k] for k in ("x", "h", "h_hat", "novelty", "beta")} for e in entries]
 
 
+def esamp_in_openai_response(result: Any, serving: Any, request: Any, ret: list, *args: Any, **kwargs: Any) -> None:
+    """AFTER OpenAIServingCompletion._build_completion_response and
+    OpenAIServingChat._build_chat_response (SGLang 0.5.23): the response's ``metadata["esamp"]``
+    lists each choice's meta_info["esamp"] summary (None for a choice that sampled plain), so
+    OpenAI clients — and SGLang programs exploring through the router — see what /generate shows.
+    Non-streaming responses only; a response without an exploring choice is left as it is."""
+    metadata = getattr(result, "metadata", None)
+    summaries = [item.get("meta_info", {}).get("esamp") for item in ret]
+    if isinstance(metadata, dict) and any(summaries):
+        metadata["esamp"] = summaries
+
+
 def route_group_to_dp_rank(original: Any, controller: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
     """AROUND DataParallelController.dispatching_with_trace (SGLang 0.5.23), in the data-parallel
     controller's process: every request of an exploring group goes to the DP rank a stable hash

@@ -8,7 +8,7 @@ import requests
 import torch
 from safetensors import safe_open
 
-from esamp_sgl.frontend import ROUTING_KEY
+from esamp_sgl.router_route import ROUTING_KEY
 
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
 N_TOKENS = 16
@@ -37,6 +37,8 @@ def complete_in_group(url: str, prompt: str, group: str, max_tokens: int, beta: 
             **explore(beta, group=group)}
     resp = requests.post(url + "/v1/completions", json=body, headers={ROUTING_KEY: group}, timeout=120)
     assert resp.status_code == 200, resp.text
+    [summary] = resp.json()["metadata"]["esamp"]
+    assert summary["group"] == group and summary["tokens_mixed"] == max_tokens
     return resp.json()
 
 

@@ -192,6 +192,11 @@ def test_openai_endpoints_carry_explore(server):
     produced = completion["usage"]["completion_tokens"] + chat["usage"]["completion_tokens"]
     # usage leaves out a final stop/EOS token, which was sampled (and mixed): ≤ 1 per choice
     assert produced <= esamp_stats(server)["mixed_tokens"] - before <= produced + 3
+    summaries = completion["metadata"]["esamp"] + chat["metadata"]["esamp"]  # one per choice
+    assert len(summaries) == 3 and all(e["beta"] == 0.5 and e["tokens_mixed"] >= 1 for e in summaries)
+    assert summaries[0]["group"] == summaries[1]["group"] != summaries[2]["group"]  # n = 2: one group
+    plain = post(server, "/v1/completions", {"model": "default", "prompt": PROMPTS[0], "max_tokens": 2}).json()
+    assert "esamp" not in plain["metadata"]
     bad = post(server, "/v1/chat/completions", {"model": "default", "max_tokens": 5, **explore(-2),
                                                 "messages": [{"role": "user", "content": "Hi"}]}, ok=False)
     assert bad.status_code == 400 and "esamp.beta" in bad.text

@@ -14,10 +14,10 @@ import requests
 import sglang as sgl
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
-import esamp_sgl
+import esamp_sgl  # noqa: F401  (explore= in sgl.gen)
 from esamp_sgl.benchmarks.parity import first_divergence, top_two_gap
-from esamp_sgl.frontend import ROUTING_KEY
 from esamp_sgl.launcher import LaunchedServer
+from esamp_sgl.router_route import ROUTING_KEY
 from tests.conftest import LaunchedRouter, launch_side_by_side
 from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, complete_in_group, esamp_stats, explore, gen, post
 
@@ -89,9 +89,11 @@ def test_beta_zero_is_plain_at_tp2(servers):
 
 
 @sgl.function
-def exploring(s, question):
+def forks_exploring(s, question):
     s += question
-    s += sgl.gen("answer", max_tokens=6, temperature=1.0, explore=0.5)
+    forks = s.fork(2)
+    forks += sgl.gen("answer", max_tokens=4, temperature=1.0, explore=0.5)
+    s["esamp"] = [f.get_meta_info("answer").get("esamp") for f in forks]
 
 
 ROUTER_FLAGS = ("--policy", "manual", "--assignment-mode", "min_group")
@@ -135,12 +137,28 @@ def test_router_keeps_each_group_on_one_replica(servers, router):
     assert created == [2, 2]
 
 
-def test_router_drops_custom_params_on_generate_and_chat_so_explore_refuses_it(servers, router):
+def test_fork_programs_explore_through_the_router_one_replica_per_group(servers, router):
+    """SGLang programs through the router: exploring gens go out as /v1/completions with the fork
+    group as routing key (esamp_sgl.router_route), so every fork explores, reports its group, and
+    each group is created on one replica."""
+    created = counters(servers, "groups_created")
+    states = forks_exploring.run_batch([{"question": p} for p in PROMPTS + PROMPTS[:1]],
+                                       backend=RuntimeEndpoint(router.url), num_threads=4)
+    for state in states:
+        assert state.error() is None, state.error()
+        summaries = state["esamp"]
+        assert [e["tokens_mixed"] for e in summaries] == [4, 4]
+        assert len({e["group"] for e in summaries}) == 1
+    assert len({state["esamp"][0]["group"] for state in states}) == len(states)
+    created = [a - b for a, b in zip(counters(servers, "groups_created"), created)]
+    assert created == [2, 2]
+
+
+def test_router_drops_custom_params_on_generate_and_chat(servers, router):
     """sglang-router 0.3.2 re-serializes /generate and /v1/chat/completions through typed structs
     without custom_params (/v1/completions keeps it): an exploring request there reaches its
-    worker as a plain one. The DSL, which sends /generate, refuses a router URL rather than sample
-    plain in silence. When a router version carries custom_params, this test fails: then let the
-    DSL explore through the router too."""
+    worker as a plain one, which is why programs explore through /v1/completions behind it. When
+    a router version carries custom_params on /generate, this test fails: then router_route can go."""
     group = "via-router-" + uuid.uuid4().hex
     mixed = counters(servers, "mixed_tokens")
     resp = requests.post(router.url + "/generate", headers={ROUTING_KEY: group}, timeout=120, json={
@@ -151,6 +169,3 @@ def test_router_drops_custom_params_on_generate_and_chat_so_explore_refuses_it(s
     assert requests.post(router.url + "/v1/chat/completions", json=chat, headers={ROUTING_KEY: group},
                          timeout=120).status_code == 200
     assert counters(servers, "mixed_tokens") == mixed
-    state = exploring.run("Q:", backend=RuntimeEndpoint(router.url))
-    assert isinstance(state.error(), esamp_sgl.ExploreUnavailable)
-    assert "drops custom_params" in str(state.error())
