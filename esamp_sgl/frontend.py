@@ -1,4 +1,5 @@
-"""``explore=`` in SGLang's frontend language: the only module that touches ``sglang.lang``.
+"""``explore=`` in SGLang's frontend language: with router_route (its detour behind SGLang's
+router), the only module that touches ``sglang.lang``.
 
 After ``import esamp_sgl``, ``sgl.gen(name, ..., explore=0.5)`` works inside ``@sgl.function``
 programs, and ``.run(..., explore=0.5)`` / ``.run_batch(..., explore=0.5)`` set a default.

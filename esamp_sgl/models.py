@@ -275,6 +275,10 @@ def _tiny_tokenizer(vocab: int):
 
 
 BASE_MODEL_PROMPT = "Question: {}\nAnswer:"
+# A base model's answer ends where it starts the next question of BASE_MODEL_PROMPT's format: left
+# to run, gemma3-270m answers, then writes "\nQuestion: ..." with numbers of its own up to the
+# token budget (the last number of the text is then not its answer).
+BASE_MODEL_STOP = "\nQuestion:"
 
 
 def chat_text(tokenizer, user_text: str) -> str:
@@ -285,6 +289,12 @@ def chat_text(tokenizer, user_text: str) -> str:
         return BASE_MODEL_PROMPT.format(user_text)
     return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
                                          add_generation_prompt=True)
+
+
+def turn_stops(tokenizer) -> list[str]:
+    """Stop strings that end the answer to chat_text's prompt: none for a chat model (its turn
+    ends with EOS), BASE_MODEL_STOP for a base model."""
+    return [] if tokenizer.chat_template else [BASE_MODEL_STOP]
 
 
 def adds_special_tokens(tokenizer) -> bool:

@@ -75,9 +75,11 @@ def tiny_gemma2_path() -> Path:
 
 class LaunchedRouter:
     """SGLang's router (sglang-router, the `router` extra) in front of ``workers``, on loopback;
-    ready once it lists every worker as healthy (it registers them in the background)."""
+    ready once it lists every worker as healthy (it registers them in the background; with
+    ``--dp-aware``, each of a worker's ``ranks`` DP ranks as a worker of its own)."""
 
-    def __init__(self, workers: list[str], *flags: str, name: str = "router", timeout: float = 120.0) -> None:
+    def __init__(self, workers: list[str], *flags: str, name: str = "router", ranks: int = 1,
+                 timeout: float = 120.0) -> None:
         import subprocess
         import sys
         import time
@@ -100,13 +102,13 @@ class LaunchedRouter:
             assert self.process.poll() is None, "the router exited; see " + self._log.name
             try:
                 listed = requests.get(self.url + "/workers", timeout=5).json().get("workers", [])
-                if len(listed) >= len(workers) and all(w["is_healthy"] for w in listed):  # --dp-aware: one per rank
+                if len(listed) == len(workers) * ranks and all(w["is_healthy"] for w in listed):
                     return
             except (requests.RequestException, ValueError):
                 pass
             time.sleep(0.5)
         self.stop()
-        raise TimeoutError(f"the router did not list {len(workers)} healthy workers in {timeout:.0f} s")
+        raise TimeoutError(f"the router did not list {len(workers) * ranks} healthy workers in {timeout:.0f} s")
 
     def stop(self) -> None:
         self.process.terminate()

@@ -71,7 +71,7 @@ def test_router_dp_aware_keeps_each_group_on_one_rank(server):
     names is created on one rank only, and keys spread over the ranks."""
     groups = [f"dp-router-{uuid.uuid4().hex}" for _ in range(4)]
     before = groups_created_by_rank(server)
-    with LaunchedRouter([server.url], "--dp-aware", *ROUTER_FLAGS, name="router-dp-aware") as router:
+    with LaunchedRouter([server.url], "--dp-aware", *ROUTER_FLAGS, name="router-dp-aware", ranks=RANKS) as router:
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda job: complete_in_group(router.url, job[1], job[0], 4),
                           [(g, p) for g in groups for p in PROMPTS[:2]]))

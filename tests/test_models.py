@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from esamp_sgl.models import MARKER, ModelError, resolve, write_tiny_model
+from esamp_sgl.models import BASE_MODEL_STOP, MARKER, ModelError, chat_text, resolve, turn_stops, write_tiny_model
 
 
 def test_tiny_llama_is_a_loadable_checkpoint_with_chat_template(tmp_path):
@@ -19,6 +19,16 @@ def test_tiny_llama_is_a_loadable_checkpoint_with_chat_template(tmp_path):
     assert text.endswith("<|im_start|>assistant\n")
     assert tok.decode(tok("What is 7 + 5?").input_ids) == "What is 7 + 5?"
     assert json.loads((path / MARKER).read_text())["name"] == "tiny-llama"
+
+
+def test_a_base_models_answer_stops_where_its_prompt_format_would_ask_again(tmp_path):
+    """A chat model's turn ends at EOS; a base model (no chat template) is prompted as
+    'Question: …\nAnswer:' and its answer ends where it starts writing the next question."""
+    tok = AutoTokenizer.from_pretrained(write_tiny_model(tmp_path / "tiny", layers=2, hidden=64))
+    assert turn_stops(tok) == []
+    tok.chat_template = None
+    prompt = chat_text(tok, "What is 7 + 5?")
+    assert prompt == "Question: What is 7 + 5?\nAnswer:" and turn_stops(tok) == [BASE_MODEL_STOP]
 
 
 def test_tiny_llama_is_reused_not_rewritten(tmp_path):

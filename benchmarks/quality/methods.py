@@ -8,6 +8,7 @@ shares its random numbers across methods: differences between methods are paired
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import requests
@@ -48,13 +49,14 @@ class Sample:
     novelty: float | None  # mean distiller relative error over mixed tokens (ESamp only)
 
 
-def _sampling(method: Method, max_tokens: int, seed: int, group: str | None, *, temperature: float | None = None,
-              top_k: int = -1) -> dict:
+def _sampling(method: Method, max_tokens: int, seed: int, group: str | None, stop: list[str], *,
+              temperature: float | None = None, top_k: int = -1) -> dict:
     esamp: dict = {"seed": seed}
     if method.beta:
         esamp.update(beta=method.beta, group=group)
-    return {"temperature": method.temperature if temperature is None else temperature, "max_new_tokens": max_tokens,
-            "min_p": method.min_p, "top_k": top_k, "custom_params": {"esamp": esamp}}
+    params = {"temperature": method.temperature if temperature is None else temperature, "max_new_tokens": max_tokens,
+              "min_p": method.min_p, "top_k": top_k, "custom_params": {"esamp": esamp}}
+    return params | ({"stop": stop} if stop else {})
 
 
 def _generate(url: str, ids: list[list[int]], params: list[dict]) -> list[dict]:
@@ -63,22 +65,27 @@ def _generate(url: str, ids: list[list[int]], params: list[dict]) -> list[dict]:
     return response.json()
 
 
-def draw(url: str, prompt_ids: list[int], method: Method, seeds: list[int], max_tokens: int) -> list[Sample]:
-    """len(seeds) samples of one prompt; an exploring method puts them all in one fresh group."""
+def draw(url: str, prompt_ids: list[int], method: Method, seeds: list[int], max_tokens: int,
+         stop: Sequence[str] = ()) -> list[Sample]:
+    """len(seeds) samples of one prompt, each ending at EOS, a ``stop`` string or ``max_tokens``;
+    an exploring method puts them all in one fresh group."""
+    stop = list(stop)
     group = f"bench-{uuid.uuid4().hex}" if method.beta else None
     if method.fire_temperature:
-        return _draw_fire(url, prompt_ids, method, seeds, max_tokens)
-    outs = _generate(url, [prompt_ids] * len(seeds), [_sampling(method, max_tokens, s, group) for s in seeds])
+        return _draw_fire(url, prompt_ids, method, seeds, max_tokens, stop)
+    outs = _generate(url, [prompt_ids] * len(seeds), [_sampling(method, max_tokens, s, group, stop) for s in seeds])
     return [Sample(o["text"], o["output_ids"], o["meta_info"]["completion_tokens"],
                    (o["meta_info"].get("esamp") or {}).get("mean_novelty")) for o in outs]
 
 
-def _draw_fire(url: str, prompt_ids: list[int], method: Method, seeds: list[int], max_tokens: int) -> list[Sample]:
+def _draw_fire(url: str, prompt_ids: list[int], method: Method, seeds: list[int], max_tokens: int,
+               stop: list[str]) -> list[Sample]:
     """FIRE: the first token at ``fire_temperature`` among the top FIRE_TOP_K, the rest as plain."""
     first = _generate(url, [prompt_ids] * len(seeds),
-                      [_sampling(method, 1, s, None, temperature=method.fire_temperature, top_k=FIRE_TOP_K)
+                      [_sampling(method, 1, s, None, [], temperature=method.fire_temperature, top_k=FIRE_TOP_K)
                        for s in seeds])
     heads = [o["output_ids"] for o in first]
-    rest = _generate(url, [prompt_ids + h for h in heads], [_sampling(method, max_tokens - 1, s, None) for s in seeds])
+    rest = _generate(url, [prompt_ids + h for h in heads],
+                     [_sampling(method, max_tokens - 1, s, None, stop) for s in seeds])
     return [Sample(f["text"] + o["text"], h + o["output_ids"], 1 + o["meta_info"]["completion_tokens"], None)
             for f, h, o in zip(first, heads, rest)]

@@ -85,7 +85,7 @@ def run_point(url: str, chat: ChatPrompts, problems: list[Problem], method: Meth
 
     def one(problem: Problem) -> dict:
         samples = draw(url, chat.ids(problem.question), method, sample_seeds(problem, n),
-                       max_tokens or problem.task.max_tokens)
+                       max_tokens or problem.task.max_tokens, chat.stop)
         answers = [problem.final_answer(s.text) for s in samples]
         novelty = [s.novelty for s in samples if s.novelty is not None]
         return {"index": problem.index, "answers": answers, "correct": [problem.correct(a) for a in answers],

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from esamp_sgl.models import adds_special_tokens, chat_text
+from esamp_sgl.models import adds_special_tokens, chat_text, turn_stops
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 WHOLE_NUMBER = re.compile(NUMBER.pattern + r"\.?")  # an answer that is one number
@@ -108,6 +108,11 @@ class ChatPrompts:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.tokenizer_path)
+
+    @cached_property
+    def stop(self) -> list[str]:
+        """Where an answer ends short of EOS (models.turn_stops)."""
+        return turn_stops(self.tokenizer)
 
     def ids(self, user_text: str) -> list[int]:
         """A chat model's user turn, or a base model's question (models.chat_text)."""

@@ -107,7 +107,7 @@ def run_writing(model: str, recipe: str, path: Path, *, quick: bool, servers: Re
 
         def one(i: int, method: Method = method) -> dict:
             ids = chat.ids(prompts[i])
-            samples = draw(server_url, ids, method, [i * 1000 + j for j in range(n)], max_tokens)
+            samples = draw(server_url, ids, method, [i * 1000 + j for j in range(n)], max_tokens, chat.stop)
             return score_prompt(server_url, ids, [s.text for s in samples], [s.output_ids for s in samples])
 
         with ThreadPoolExecutor(len(prompts)) as pool:
