@@ -33,13 +33,14 @@ def gen(server, text: str, **sampling) -> dict:
 def complete_in_group(url: str, prompt: str, group: str, max_tokens: int, beta: float = 0.5) -> dict:
     """An exploring /v1/completions request of ``group`` with the group as its routing key, as
     README's curl example sends it through SGLang's router."""
-    body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0,
+    body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "ignore_eos": True,
             **explore(beta, group=group)}
     resp = requests.post(url + "/v1/completions", json=body, headers={ROUTING_KEY: group}, timeout=120)
     assert resp.status_code == 200, resp.text
-    [summary] = resp.json()["metadata"]["esamp"]
+    completion = resp.json()
+    [summary] = completion["metadata"]["esamp"]
     assert summary["group"] == group and summary["tokens_mixed"] == max_tokens
-    return resp.json()
+    return completion
 
 
 def esamp_stats(server) -> dict:

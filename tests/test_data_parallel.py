@@ -68,7 +68,7 @@ def test_a_request_that_pins_its_rank_keeps_it(server):
 def test_router_dp_aware_keeps_each_group_on_one_rank(server):
     """SGLang's router with --dp-aware in front of the DP 2 server: a routing key is pinned to one
     DP rank (the router injects it into the body; a pinned rank is kept), so the group the key
-    names is created on one rank only, and keys spread over the ranks."""
+    names is created once, on one rank (a group split over the ranks would be created on both)."""
     groups = [f"dp-router-{uuid.uuid4().hex}" for _ in range(4)]
     before = groups_created_by_rank(server)
     with LaunchedRouter([server.url], "--dp-aware", *ROUTER_FLAGS, name="router-dp-aware", ranks=RANKS) as router:
@@ -76,7 +76,7 @@ def test_router_dp_aware_keeps_each_group_on_one_rank(server):
             list(pool.map(lambda job: complete_in_group(router.url, job[1], job[0], 4),
                           [(g, p) for g in groups for p in PROMPTS[:2]]))
     after = groups_created_by_rank(server)
-    assert {r: after[r] - before[r] for r in after} == {0: 2, 1: 2}
+    assert sum(after[r] - before[r] for r in after) == len(groups)
 
 
 def test_beta_zero_is_plain_on_every_rank(server):

@@ -92,7 +92,7 @@ def test_beta_zero_is_plain_at_tp2(servers):
 def forks_exploring(s, question):
     s += question
     forks = s.fork(2)
-    forks += sgl.gen("answer", max_tokens=4, temperature=1.0, explore=0.5)
+    forks += sgl.gen("answer", max_tokens=4, temperature=1.0, ignore_eos=True, explore=0.5)
     s["esamp"] = [f.get_meta_info("answer").get("esamp") for f in forks]
 
 
@@ -115,7 +115,7 @@ def test_router_keeps_each_group_on_one_replica(servers, router):
     """The README's commands: the OpenAI client (extra_body, extra_headers) and curl's body with
     the group as routing key, on /v1/completions through the router. Every token of every request
     is mixed, and each group is created on exactly one replica (a group split over the two would
-    be created on both); groups spread over the replicas."""
+    be created on both)."""
     client = openai.OpenAI(base_url=router.url + "/v1", api_key="none")
     model = client.models.list().data[0].id
     groups = [f"router-{uuid.uuid4().hex}" for _ in range(4)]
@@ -124,7 +124,8 @@ def test_router_keeps_each_group_on_one_replica(servers, router):
     def complete_openai(job: tuple[str, str]) -> None:
         group, prompt = job
         client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=1.0,
-                                  extra_body=explore(0.5, group=group), extra_headers={ROUTING_KEY: group})
+                                  extra_body={**explore(0.5, group=group), "ignore_eos": True},
+                                  extra_headers={ROUTING_KEY: group})
 
     created, mixed = counters(servers, "groups_created"), counters(servers, "mixed_tokens")
     jobs = [(g, p) for g in groups for p in PROMPTS[:2]]
@@ -134,13 +135,14 @@ def test_router_keeps_each_group_on_one_replica(servers, router):
     created = [a - b for a, b in zip(counters(servers, "groups_created"), created)]
     mixed = [a - b for a, b in zip(counters(servers, "mixed_tokens"), mixed)]
     assert sum(mixed) == len(jobs) * max_tokens
-    assert created == [2, 2]
+    assert sum(created) == len(groups)
 
 
 def test_fork_programs_explore_through_the_router_one_replica_per_group(servers, router):
     """SGLang programs through the router: exploring gens go out as /v1/completions with the fork
     group as routing key (esamp_sgl.router_route), so every fork explores, reports its group, and
-    each group is created on one replica."""
+    each group is created on one replica (once in all: a group split over the two would be
+    created on both)."""
     created = counters(servers, "groups_created")
     states = forks_exploring.run_batch([{"question": p} for p in PROMPTS + PROMPTS[:1]],
                                        backend=RuntimeEndpoint(router.url), num_threads=4)
@@ -151,7 +153,7 @@ def test_fork_programs_explore_through_the_router_one_replica_per_group(servers,
         assert len({e["group"] for e in summaries}) == 1
     assert len({state["esamp"][0]["group"] for state in states}) == len(states)
     created = [a - b for a, b in zip(counters(servers, "groups_created"), created)]
-    assert created == [2, 2]
+    assert sum(created) == len(states)
 
 
 def test_router_drops_custom_params_on_generate_and_chat(servers, router):
