@@ -31,6 +31,7 @@ from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
 from esamp_sgl import router_route
 from esamp_sgl.params import check_beta, check_group
+from esamp_sgl.server_check import esamp_states_in
 
 _run_default: contextvars.ContextVar[float | None] = contextvars.ContextVar("esamp_run_explore", default=None)
 _GROUP_ATTR = "esamp_group"
@@ -90,9 +91,8 @@ def server_max_beta(endpoint: RuntimeEndpoint) -> float:
 
 
 def _esamp_states(resp: requests.Response) -> list[dict]:
-    """ESamp's entry of every scheduler in a /server_info answer."""
     resp.raise_for_status()
-    return [s.get("esamp", {}) for s in resp.json().get("internal_states", [])]
+    return esamp_states_in(resp.json())
 
 
 def _via_router(endpoint: Any) -> bool:
