@@ -149,16 +149,16 @@ def _to_srt_kwargs(original: Callable, params: Any) -> dict:
     return kwargs
 
 
-def _generate(original: Callable, endpoint: Any, s: Any, sampling_params: Any) -> Any:
-    if getattr(sampling_params, "esamp", None) is not None and _via_router(endpoint):
-        return router_route.generate(endpoint, s, sampling_params)
-    return original(endpoint, s, sampling_params)
+def _exploring_gens_via(routed: Callable) -> Callable:
+    """RuntimeEndpoint.generate / generate_stream: an exploring gen sent to SGLang's router goes
+    by ``routed`` (router_route), everything else by SGLang's own route."""
 
+    def around(original: Callable, endpoint: Any, s: Any, sampling_params: Any) -> Any:
+        if getattr(sampling_params, "esamp", None) is not None and _via_router(endpoint):
+            return routed(endpoint, s, sampling_params)
+        return original(endpoint, s, sampling_params)
 
-def _generate_stream(original: Callable, endpoint: Any, s: Any, sampling_params: Any) -> Any:
-    if getattr(sampling_params, "esamp", None) is not None and _via_router(endpoint):
-        return router_route.generate_stream(endpoint, s, sampling_params)
-    return original(endpoint, s, sampling_params)
+    return around
 
 
 def _run_with_explore(original: Callable, function: Any, *args: Any, explore: float | None = None, **kwargs: Any) -> Any:
@@ -206,8 +206,8 @@ def install() -> None:
     _around(interpreter.StreamExecutor, "fork", _fork)
     _around(interpreter.StreamExecutor, "_resolve_sampling_params", _resolve_sampling_params)
     _around(ir.SglSamplingParams, "to_srt_kwargs", _to_srt_kwargs)
-    _around(RuntimeEndpoint, "generate", _generate)
-    _around(RuntimeEndpoint, "generate_stream", _generate_stream)
+    _around(RuntimeEndpoint, "generate", _exploring_gens_via(router_route.generate))
+    _around(RuntimeEndpoint, "generate_stream", _exploring_gens_via(router_route.generate_stream))
     _around(ir.SglFunction, "run", _run_with_explore)
     _around(ir.SglFunction, "run_batch", _run_with_explore)
     _around(interpreter, "run_program", _program_with_default)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from esamp_sgl.benchmarks.parity import first_divergence
-from tests.conftest import launch, start_server
+from tests.conftest import launch, launch_side_by_side
 from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, esamp_stats, explore, gen, lm_head_weight, post
 
 
@@ -34,26 +34,30 @@ def model(request, tiny_model_path, smollm2_path) -> tuple[str, Path]:
 
 
 _PLAIN_GREEDY: dict[Path, dict[str, list[int]]] = {}  # per model: tiny and tiny-graph share one plain server
+# The reference recipe's mechanics (random init, pre-filter mix); lr 0.05 so that online
+# learning shows within a few short requests (the learning test).
+ESAMP_FLAGS = ("--esamp-init", "random", "--esamp-filter-mode", "pre", "--esamp-lr", "0.05")
 
 
 @pytest.fixture(scope="module")
-def plain_greedy(model) -> dict[str, list[int]]:
-    """Greedy output ids of a plain SGLang server (same build, ESamp off), one prompt at a time."""
+def server(model):
+    """The model's ESamp server; beside it at startup, the first time a model is served, a plain
+    SGLang server (same build, ESamp off) answers PROMPTS greedily, one at a time, and stops."""
     name, path = model
-    if path not in _PLAIN_GREEDY:
-        with start_server(path, f"plain-{name}", "--no-esamp") as server:
-            _PLAIN_GREEDY[path] = {p: gen(server, p, **GREEDY)["output_ids"] for p in PROMPTS}
-    return _PLAIN_GREEDY[path]
+    flags = (*ESAMP_FLAGS, *DECODE_PATH_FLAGS[name])
+    if path in _PLAIN_GREEDY:
+        yield from launch(path, f"esamp-{name}", *flags)
+        return
+    with launch_side_by_side((path, f"plain-{name}", "--no-esamp"), (path, f"esamp-{name}", *flags)) as (plain, esamp):
+        _PLAIN_GREEDY[path] = {p: gen(plain, p, **GREEDY)["output_ids"] for p in PROMPTS}
+        plain.stop()
+        yield esamp
 
 
 @pytest.fixture(scope="module")
-def server(model, plain_greedy):
-    name, path = model
-    # lr 0.05: online learning visible within a few short requests (the learning test)
-    # The reference recipe's mechanics (random init, pre-filter mix); a high lr so that
-    # learning shows within a few tokens.
-    yield from launch(path, f"esamp-{name}", "--esamp-init", "random", "--esamp-filter-mode", "pre", "--esamp-lr", "0.05",
-                      *DECODE_PATH_FLAGS[name])
+def plain_greedy(model, server) -> dict[str, list[int]]:
+    """Greedy output ids of a plain SGLang server for PROMPTS (see ``server``)."""
+    return _PLAIN_GREEDY[model[1]]
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import sglang as sgl
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
 
 import esamp_sgl
-from tests.conftest import launch, start_server
+from esamp_sgl.launcher import LaunchedServer
+from tests.conftest import launch_side_by_side
 
 
 @sgl.function
@@ -44,20 +47,28 @@ def named(s, group):
     s += sgl.gen("y", max_tokens=3, explore=0.5)
 
 
-def test_explore_against_a_server_without_esamp_fails_loudly(tiny_model_path):
-    with start_server(tiny_model_path, "frontend-plain", "--no-esamp") as server:
-        state = plain_gen.run(explore=0.5, backend=RuntimeEndpoint(server.url))
-        assert isinstance(state.error(), esamp_sgl.ExploreUnavailable)
-        assert "esamp-sgl serve" in str(state.error())
+@pytest.fixture(scope="module")
+def servers(tiny_model_path) -> Iterator[list[LaunchedServer]]:
+    """(plain, ESamp), started side by side."""
+    with launch_side_by_side((tiny_model_path, "frontend-plain", "--no-esamp"),
+                             (tiny_model_path, "frontend-esamp")) as started:
+        yield started
+
+
+def test_explore_against_a_server_without_esamp_fails_loudly(servers):
+    plain = servers[0]
+    state = plain_gen.run(explore=0.5, backend=RuntimeEndpoint(plain.url))
+    assert isinstance(state.error(), esamp_sgl.ExploreUnavailable)
+    assert "esamp-sgl serve" in str(state.error())
+    plain.stop()  # the rest of the module needs only the ESamp server
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_model_path):
-    for server in launch(tiny_model_path, "frontend-esamp"):
-        endpoint = RuntimeEndpoint(server.url)
-        sgl.set_default_backend(endpoint)
-        yield endpoint
-        sgl.set_default_backend(None)
+def backend(servers):
+    endpoint = RuntimeEndpoint(servers[1].url)
+    sgl.set_default_backend(endpoint)
+    yield endpoint
+    sgl.set_default_backend(None)
 
 
 def test_forks_share_one_group_and_every_token_is_mixed(backend):
