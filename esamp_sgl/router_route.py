@@ -87,6 +87,8 @@ def generate(endpoint: Any, s: Any, sampling_params: Any) -> tuple[str, dict[str
         raise RouterRouteError("explore= through SGLang's router cannot carry images")
     endpoint._handle_dtype_to_regex(sampling_params)
     srt_kwargs = sampling_params.to_srt_kwargs()
+    # RuntimeEndpoint sends the logprob fields beside sampling_params, not in to_srt_kwargs();
+    # gathered here so that completion_body refuses each one set, by its name
     srt_kwargs.update({k: getattr(sampling_params, k, None) for k in ROUTED_UNSUPPORTED})
     headers = {ROUTING_KEY: sampling_params.esamp["group"]}
     if endpoint.api_key is not None:
