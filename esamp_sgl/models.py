@@ -275,10 +275,11 @@ def _tiny_tokenizer(vocab: int):
 
 
 BASE_MODEL_PROMPT = "Question: {}\nAnswer:"
-# A base model's answer ends where it starts the next question of BASE_MODEL_PROMPT's format: left
-# to run, gemma3-270m answers, then writes "\nQuestion: ..." with numbers of its own up to the
-# token budget (the last number of the text is then not its answer).
-BASE_MODEL_STOP = "\nQuestion:"
+# A base model's answer ends where it starts another turn of BASE_MODEL_PROMPT's format. Left to
+# run, gemma3-270m answers, then writes "\nQuestion: ..." with numbers of its own, or "\nAnswer:"
+# again with another answer, up to the token budget (the last number of the text is then not
+# its answer).
+BASE_MODEL_STOPS = ("\nQuestion:", "\nAnswer:")
 
 
 def chat_text(tokenizer, user_text: str) -> str:
@@ -293,8 +294,8 @@ def chat_text(tokenizer, user_text: str) -> str:
 
 def turn_stops(tokenizer) -> list[str]:
     """Stop strings that end the answer to chat_text's prompt: none for a chat model (its turn
-    ends with EOS), BASE_MODEL_STOP for a base model."""
-    return [] if tokenizer.chat_template else [BASE_MODEL_STOP]
+    ends with EOS), BASE_MODEL_STOPS for a base model."""
+    return [] if tokenizer.chat_template else list(BASE_MODEL_STOPS)
 
 
 def adds_special_tokens(tokenizer) -> bool:

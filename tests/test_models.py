@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from esamp_sgl.models import BASE_MODEL_STOP, MARKER, ModelError, chat_text, resolve, turn_stops, write_tiny_model
+from esamp_sgl.models import BASE_MODEL_STOPS, MARKER, ModelError, chat_text, resolve, turn_stops, write_tiny_model
 
 
 def test_tiny_llama_is_a_loadable_checkpoint_with_chat_template(tmp_path):
@@ -28,7 +28,7 @@ def test_a_base_models_answer_stops_where_its_prompt_format_would_ask_again(tmp_
     assert turn_stops(tok) == []
     tok.chat_template = None
     prompt = chat_text(tok, "What is 7 + 5?")
-    assert prompt == "Question: What is 7 + 5?\nAnswer:" and turn_stops(tok) == [BASE_MODEL_STOP]
+    assert prompt == "Question: What is 7 + 5?\nAnswer:" and turn_stops(tok) == list(BASE_MODEL_STOPS)
 
 
 def test_tiny_llama_is_reused_not_rewritten(tmp_path):
