@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -92,10 +93,11 @@ def _bootstrap(a: np.ndarray, b: np.ndarray) -> str:
     return f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
-def frontier_tables(data: dict, plot_dir: Path, suffix: str) -> list[str]:
+def frontier_tables(data: dict, plot_dir: Path, suffix: str, readme_dir: Path) -> list[str]:
     settings = data["settings"]
-    lines = [f"Frontiers ({settings['problems']} problems × {settings['n']} samples per point; samples paired across "
-             "methods by per-request seeds):", ""]
+    budget = f", answers ≤ {settings['max_tokens']} tokens" if settings.get("max_tokens") else ""
+    lines = [f"Frontiers ({settings['problems']} problems × {settings['n']} samples per point{budget}; samples paired "
+             "across methods by per-request seeds):", ""]
     for task, points in _points_by_task(data).items():
         lines += [f"**{task}**", "", "| method | pass@1 | pass@4 | pass@16 | distinct / n | majority | tokens | "
                   "rel. error |", "|---|---|---|---|---|---|---|---|"]
@@ -115,8 +117,13 @@ def frontier_tables(data: dict, plot_dir: Path, suffix: str) -> list[str]:
                 lines.append("| " + " | ".join([_label(point["method"]), *cells]) + " |")
         plot = plot_dir / f"quality_frontier_{task}{suffix}.png"
         _plot_frontier(task, points, plot)
-        lines += ["", f"![{task} frontier](results/{plot.name})", ""]
+        lines += ["", _image(f"{task} frontier", plot, readme_dir), ""]
     return lines
+
+
+def _image(alt: str, plot: Path, readme_dir: Path) -> str:
+    """A Markdown image of ``plot``, linked relative to the README that shows it."""
+    return f"![{alt}]({Path(os.path.relpath(plot, readme_dir)).as_posix()})"
 
 
 def _plot_frontier(task: str, points: list[tuple[dict, dict]], path: Path) -> None:
@@ -148,7 +155,7 @@ def _plot_frontier(task: str, points: list[tuple[dict, dict]], path: Path) -> No
     plt.close(fig)
 
 
-def writing_table(data: dict, plot_dir: Path, suffix: str) -> list[str]:
+def writing_table(data: dict, plot_dir: Path, suffix: str, readme_dir: Path) -> list[str]:
     settings = data["settings"]
     rows = []
     for key, point in data["points"].items():
@@ -171,7 +178,7 @@ def writing_table(data: dict, plot_dir: Path, suffix: str) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     plot = plot_dir / f"quality_writing{suffix}.png"
     _plot_writing(rows, plot)
-    return lines + ["", f"![writing diversity vs perplexity](results/{plot.name})", ""]
+    return lines + ["", _image("writing diversity vs perplexity", plot, readme_dir), ""]
 
 
 def _plot_writing(rows: list[tuple[dict, dict]], path: Path) -> None:
@@ -204,8 +211,8 @@ def write_report(results_dir: Path, suffix: str = "", readme: Path = README) -> 
                           ("tune", lambda d: screen_table(d, "Tuning the default recipe, one knob at a time")),
                           ("learned", lambda d: screen_table(d, "The learned mix: steering only by what a group "
                                                                 "learned from its own samples")),
-                          ("frontier", lambda d: frontier_tables(d, results_dir, suffix)),
-                          ("writing", lambda d: writing_table(d, results_dir, suffix))):
+                          ("frontier", lambda d: frontier_tables(d, results_dir, suffix, readme.parent)),
+                          ("writing", lambda d: writing_table(d, results_dir, suffix, readme.parent))):
         data = _load(results_dir / f"quality_{stage}{suffix}.json")
         if data and data["points"]:
             sections += render(data) + ["", f"Command: `{data.get('run', {}).get('command', '?')}`", ""]
