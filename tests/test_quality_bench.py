@@ -1,6 +1,7 @@
-"""``esamp-sgl bench quality --quick`` end to end on the tiny model: real servers (an SVD-init
-recipe, a base-distiller recipe with a β schedule, and the learned mix, whose server the frontier
-and writing stages reuse), saved points, resumption, the report and its plots."""
+"""``esamp-sgl bench quality --quick`` end to end on the tiny model: real servers (a
+base-distiller recipe with a β schedule, which the tune stage reuses from the screen, and the
+learned mix, whose server the frontier and writing stages reuse), saved points, resumption, the
+report and its plots."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ BENCH = [sys.executable, "-m", "esamp_sgl.cli", "bench", "quality"]
 
 def _bench(tiny_model_path: Path, results: Path, *stages: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [*stages, "--quick", "--model", str(tiny_model_path), "--tasks", "products", "--recipes", "svd",
+    args = [*stages, "--quick", "--model", str(tiny_model_path), "--tasks", "products", "--recipes", "base-post-halflife16",
             "--tune-recipes", "base-post-halflife16", "--learned-recipes", "base-learned-lr5e-2", "--finalists", "base-learned-lr5e-2",
             "--results-dir", str(results)]
     return subprocess.run(BENCH + args, env=env, capture_output=True, text=True, timeout=900)
@@ -35,11 +36,13 @@ def test_quick_benchmark_runs_every_stage_and_resumes(tiny_model_path: Path, tmp
     run = _bench(tiny_model_path, results)
     assert run.returncode == 0, run.stderr[-4000:]
     started = re.findall(r"recipe (\S+): server ready in (\d+) s", run.stdout)
-    assert [r for r, s in started if s != "0"] == ["svd", "base-post-halflife16", "base-learned-lr5e-2"]
-    assert ("base-learned-lr5e-2", "0") in started  # the frontier stage kept the learned stage's server
+    assert [r for r, s in started if s != "0"] == ["base-post-halflife16", "base-learned-lr5e-2"]
+    # the tune stage kept the screen's server, the frontier stage the learned stage's
+    assert ("base-post-halflife16", "0") in started and ("base-learned-lr5e-2", "0") in started
 
     screen = json.loads((results / "quality_screen_quick.json").read_text())
-    assert set(screen["points"]) == {"chain_sum/svd/plain-T0.8", "chain_sum/svd/svd-T0.8-b1"}
+    assert set(screen["points"]) == {"chain_sum/base-post-halflife16/plain-T0.8",
+                                     "chain_sum/base-post-halflife16/base-post-halflife16-T0.8-b1-minp0.05"}
     for key, point in screen["points"].items():
         assert len(point["problems"]) == 3 and all(len(p["answers"]) == 4 for p in point["problems"])
         explores = "b1" in key
