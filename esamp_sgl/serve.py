@@ -25,7 +25,11 @@ from esamp_sgl.models import resolve
 # Flags (and values) that make SGLang 0.5.23 run on a CPU without AMX and without sgl_kernel's
 # CPU build: torch-native attention, the pytorch sampler, no CUDA graphs, a bounded KV pool
 # (unbounded, the CPU pool took 15.5 GB), and float32 (the CPU paths are tested in fp32).
+# --sleep-on-idle: an idle scheduler otherwise busy-polls a core, one that the model's forward (or
+# a second server's startup, or the client) needs on a CPU host; SGLang's idle sleeper wakes on the
+# next request's message, so requests wait no longer.
 CPU_DEFAULTS: dict[str, str | None] = {
+    "--sleep-on-idle": None,
     "--device": "cpu",
     "--attention-backend": "torch_native",
     "--sampling-backend": "pytorch",

@@ -1,7 +1,8 @@
 """Shared fixtures: real SGLang servers on loopback, one model per test module.
 
-Each server's scheduler busy-polls a core and these machines have two, so servers are
-module-scoped (one alive at a time) rather than session-scoped. Server logs are kept under
+A server at work takes a core (idle, it sleeps: --sleep-on-idle is a CPU default) and these
+machines have two, so servers are module-scoped (one module's alive at a time) rather than
+session-scoped. Server logs are kept under
 ``tests/.logs/`` and their tail is shown when startup fails.
 """
 
@@ -63,8 +64,8 @@ def launch_side_by_side(*specs: tuple) -> Iterator[list[LaunchedServer]]:
             raise next(f.exception() for f in futures if f.exception() is not None)
         yield started
     finally:
-        for server in started:
-            server.stop()
+        with ThreadPoolExecutor(len(specs)) as pool:  # each stop waits ≈ 5 s for SGLang's shutdown
+            list(pool.map(LaunchedServer.stop, started))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 """ESamp inside a real SGLang server on CPU (tiny model and SmolLM2), against a plain server of
-the same build (`--no-esamp`) and, for SmolLM2, transformers. Servers run one after another:
-each busy-polls a core."""
+the same build (`--no-esamp`) and, for SmolLM2, transformers. One model's servers at a time."""
 
 from __future__ import annotations
 
@@ -10,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 import torch
@@ -230,6 +230,23 @@ def wait_until_no_request_explores(server, timeout: float = 60) -> int:
     while (exploring := esamp_stats(server)["requests_exploring"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     return exploring
+
+
+def test_an_idle_server_sleeps_instead_of_polling(tiny_server):
+    """The CPU defaults' --sleep-on-idle: all of the server's processes together use a fraction
+    of a core while no request is in flight (a polling scheduler alone takes a whole one)."""
+    root = psutil.Process(tiny_server.process.pid)
+    processes = [root, *root.children(recursive=True)]
+
+    def cpu_seconds() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+    gen(tiny_server, PROMPTS[0], **GREEDY)
+    time.sleep(1.0)
+    before = cpu_seconds()
+    time.sleep(3.0)
+    assert cpu_seconds() - before < 0.6
+    assert gen(tiny_server, PROMPTS[0], **GREEDY)["output_ids"]  # and it wakes for the next request
 
 
 def test_aborting_one_fork_leaves_its_siblings_exploring(tiny_server):
