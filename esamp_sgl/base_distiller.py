@@ -5,8 +5,8 @@ stays ≈ 0.5–0.9), so its mix mostly rescales logits. The base distiller is t
 on (shallow, deep) state pairs from the model's own samples over BASE_PROMPTS, and every new
 group starts as a copy of it (``--esamp-init base``). ``esamp-sgl serve`` builds it before the
 server starts, with transformers, in a child process (``build_in_child``) that loads the model in
-the serving dtype and exits before SGLang starts: whatever memory the build took (a full-size
-model on the GPU, full-vocabulary logits) is returned, and the server's KV pool is sized as
+the serving dtype (over every visible GPU) and exits before SGLang starts: whatever memory the
+build took (a full-size model on the GPUs) is returned, and the server's KV pool is sized as
 without ESamp. Each scheduler loads the result.
 
 It is cached under the project's cache (``esamp_sgl.models.cache_root``), keyed by the model's
@@ -162,8 +162,11 @@ def collect_states(model_path: str | Path, cfg: ESampConfig, *, seed: int = 0, d
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # before the server owns the GPU
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=getattr(torch, dtype)).to(device).eval()
+    # Before the server owns the GPUs, and spread over every visible one: a model that TP serves
+    # may not fit on one (accelerate places its layers; the inputs go where its embedding sits).
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=getattr(torch, dtype),
+                                                 device_map="auto" if torch.cuda.is_available() else "cpu").eval()
+    device = model.device
     texts = [chat_text(tokenizer, p) for p in BASE_PROMPTS]
     batch = tokenizer(texts, return_tensors="pt", padding=True,
                       add_special_tokens=adds_special_tokens(tokenizer)).to(device)
@@ -194,13 +197,15 @@ def shallow_and_deep_states(model, ids: torch.Tensor, mask: torch.Tensor, cfg: E
     if cfg.source_layer is not None:
         handles.append(inner.layers[cfg.source_layer].register_forward_hook(keep("shallow")))
     try:
-        model(input_ids=ids, attention_mask=mask.long())
+        model(input_ids=ids, attention_mask=mask.long(), logits_to_keep=1)  # the states, not B × T × V logits
     finally:
         for handle in handles:
             handle.remove()
     if cfg.source_layer is None:
         captured["shallow"] = inner.layers[0].input_layernorm(inner.embed_tokens(ids))
-    return captured["shallow"][mask].float(), captured["deep"][mask].float()
+    # a model spread over GPUs leaves each state on its layer's device
+    x, h = captured["shallow"], captured["deep"]
+    return x[mask.to(x.device)].float(), h[mask.to(h.device)].float()
 
 
 def train_base(states: States, cfg: ESampConfig, *, seed: int = 0) -> tuple[dict[str, torch.Tensor], float]:
