@@ -5,7 +5,8 @@ Per tensor-parallel rank, next to the model's share of one decode step: the dist
 (every rank holds the whole bank: TP replicates it), FLOPs and bytes of ESamp's step (distiller
 forward for the mix, the training step on the lane, the rows' snapshots), and the post-filter's
 share of the LM-head pass (ĥ projected beside h: extra GEMM rows, no second read of the head's
-weights, but twice the logits rows to all-gather over the vocabulary).
+weights, but twice the logits rows to all-gather over the vocabulary). Beside the bytes, what
+they would be if the ranks shared the groups out (a design, not built).
 
 Usage: .venv/bin/python benchmarks/on_paper.py → results/on_paper.json and a markdown table.
 """
@@ -13,6 +14,7 @@ Usage: .venv/bin/python benchmarks/on_paper.py → results/on_paper.json and a m
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 
 from esamp_sgl.benchmarks.results_io import save_result
@@ -67,16 +69,22 @@ def table(tp: int, live_groups: int, ranks: list[int], batches: list[int], conte
             for batch in batches:
                 model_flops, model_bytes = model_step(m, batch, tp, context)
                 for layout, groups in (("forks of 8", max(1, batch // 8)), ("one group per row", batch)):
-                    flops, nbytes = esamp_step(m.d, rank, batch, min(groups, live_groups), cfg)
+                    in_step = min(groups, live_groups)
+                    flops, nbytes = esamp_step(m.d, rank, batch, in_step, cfg)
+                    # Groups shared out over the TP ranks (a design, not built): a rank's step touches
+                    # its ⌈groups / tp⌉ groups, and all-reduces ĥ (interconnect traffic, reported apart).
+                    _, sharded = esamp_step(m.d, rank, batch, math.ceil(in_step / tp), cfg)
                     pf = post_filter(m, batch, tp)
                     rows_out.append({
                         "model": m.name, "tp": tp, "rank": rank, "batch": batch, "layout": layout,
-                        "groups_in_step": min(groups, live_groups),
+                        "groups_in_step": in_step,
                         "bank_bytes_per_rank": live_groups * bytes_per_group(m.d, cfg, BANK_BYTES),
                         "model_weight_bytes_per_rank": m.params * WEIGHT_BYTES / tp,
                         "esamp_flops": flops, "model_flops_per_rank": model_flops,
                         "esamp_bytes": nbytes, "model_bytes_per_rank": model_bytes,
                         "flops_share": flops / model_flops, "bytes_share": nbytes / model_bytes,
+                        "bytes_share_if_groups_sharded": sharded / model_bytes,
+                        "h_hat_all_reduce_bytes_if_sharded": batch * m.d * BANK_BYTES,
                         **pf, "all_gather_share": pf["all_gather_extra_bytes"] / model_bytes,
                     })
     return rows_out
@@ -84,11 +92,13 @@ def table(tp: int, live_groups: int, ranks: list[int], batches: list[int], conte
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | r | B | groups/step | bank per rank | ESamp FLOPs share | ESamp bytes share | "
-             "post-filter all-gather share |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "ESamp bytes share, groups sharded over TP (not built) | post-filter all-gather share |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['rank']} | {r['batch']} | {r['groups_in_step']} ({r['layout']}) | "
                      f"{r['bank_bytes_per_rank'] / 2**20:,.0f} MiB | {100 * r['flops_share']:.3f}% | "
-                     f"{100 * r['bytes_share']:.2f}% | {100 * r['all_gather_share']:.2f}% |")
+                     f"{100 * r['bytes_share']:.2f}% | {100 * r['bytes_share_if_groups_sharded']:.2f}% | "
+                     f"{100 * r['all_gather_share']:.2f}% |")
     return "\n".join(lines)
 
 
