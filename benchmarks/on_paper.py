@@ -2,11 +2,13 @@
 such model fits these machines) from the shapes of the work ESamp does in this build.
 
 Per tensor-parallel rank, next to the model's share of one decode step: the distiller bank held
-(every rank holds the whole bank: TP replicates it), FLOPs and bytes of ESamp's step (distiller
-forward for the mix, the training step on the lane, the rows' snapshots), and the post-filter's
-share of the LM-head pass (ĥ projected beside h: extra GEMM rows, no second read of the head's
-weights, but twice the logits rows to all-gather over the vocabulary). Beside the bytes, what
-they would be if the ranks shared the groups out (a design, not built).
+(the ranks share the groups out: a rank holds ⌈groups / tp⌉, esamp_sgl/shard.py), FLOPs and bytes
+of ESamp's step (distiller forward for the mix, the training step on the lane, the rows'
+snapshots; counted for every row of the batch, an upper bound: a rank predicts and trains only
+its own groups' rows), the all-reduce of ĥ that sharding adds, and the post-filter's share of the
+LM-head pass (ĥ projected beside h: extra GEMM rows, no second read of the head's weights, but
+twice the logits rows to all-gather over the vocabulary). Beside the bytes, what they would be
+with a bank replicated on every rank.
 
 Usage: .venv/bin/python benchmarks/on_paper.py → results/on_paper.json and a markdown table.
 """
@@ -39,7 +41,8 @@ BANK_BYTES = 4  # ESamp's distillers are fp32
 
 
 def esamp_step(d: int, rank: int, rows: int, groups: int, cfg: ESampConfig) -> tuple[float, float]:
-    """(FLOPs, bytes) of one ESamp decode step on one rank: every rank runs it whole."""
+    """(FLOPs, bytes) of one ESamp decode step on one rank whose bank holds ``groups`` of the
+    step's groups, for ``rows`` rows."""
     forward = rows * (3 * 2 * d * rank + 12 * d)  # x·A, x·G, (·)·B + LayerNorm and the mix
     flops = 3 * forward  # the mix's forward, the training step's forward + backward (≈ 2×)
     weights = groups * bytes_per_group(d, cfg, BANK_BYTES) * 3  # read for the mix, read + write by the update
@@ -70,21 +73,21 @@ def table(tp: int, live_groups: int, ranks: list[int], batches: list[int], conte
                 model_flops, model_bytes = model_step(m, batch, tp, context)
                 for layout, groups in (("forks of 8", max(1, batch // 8)), ("one group per row", batch)):
                     in_step = min(groups, live_groups)
-                    flops, nbytes = esamp_step(m.d, rank, batch, in_step, cfg)
-                    # Groups shared out over the TP ranks (a design, not built): a rank's step touches
-                    # its ⌈groups / tp⌉ groups, and all-reduces ĥ (interconnect traffic, reported apart).
-                    _, sharded = esamp_step(m.d, rank, batch, math.ceil(in_step / tp), cfg)
+                    # A rank's step touches its ⌈groups / tp⌉ groups (round-robin slots balance them).
+                    flops, nbytes = esamp_step(m.d, rank, batch, math.ceil(in_step / tp), cfg)
+                    _, replicated = esamp_step(m.d, rank, batch, in_step, cfg)
+                    all_reduce = batch * m.d * BANK_BYTES * 2 * (tp - 1) / tp  # ring: ĥ [B, d] fp32
                     pf = post_filter(m, batch, tp)
                     rows_out.append({
                         "model": m.name, "tp": tp, "rank": rank, "batch": batch, "layout": layout,
                         "groups_in_step": in_step,
-                        "bank_bytes_per_rank": live_groups * bytes_per_group(m.d, cfg, BANK_BYTES),
+                        "bank_bytes_per_rank": math.ceil(live_groups / tp) * bytes_per_group(m.d, cfg, BANK_BYTES),
                         "model_weight_bytes_per_rank": m.params * WEIGHT_BYTES / tp,
                         "esamp_flops": flops, "model_flops_per_rank": model_flops,
                         "esamp_bytes": nbytes, "model_bytes_per_rank": model_bytes,
                         "flops_share": flops / model_flops, "bytes_share": nbytes / model_bytes,
-                        "bytes_share_if_groups_sharded": sharded / model_bytes,
-                        "h_hat_all_reduce_bytes_if_sharded": batch * m.d * BANK_BYTES,
+                        "bytes_share_if_bank_replicated": replicated / model_bytes,
+                        "h_hat_all_reduce_bytes": all_reduce, "h_hat_all_reduce_share": all_reduce / model_bytes,
                         **pf, "all_gather_share": pf["all_gather_extra_bytes"] / model_bytes,
                     })
     return rows_out
@@ -92,12 +95,13 @@ def table(tp: int, live_groups: int, ranks: list[int], batches: list[int], conte
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | r | B | groups/step | bank per rank | ESamp FLOPs share | ESamp bytes share | "
-             "ESamp bytes share, groups sharded over TP (not built) | post-filter all-gather share |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "ESamp bytes share, bank replicated | ĥ all-reduce share | post-filter all-gather share |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['rank']} | {r['batch']} | {r['groups_in_step']} ({r['layout']}) | "
                      f"{r['bank_bytes_per_rank'] / 2**20:,.0f} MiB | {100 * r['flops_share']:.3f}% | "
-                     f"{100 * r['bytes_share']:.2f}% | {100 * r['bytes_share_if_groups_sharded']:.2f}% | "
+                     f"{100 * r['bytes_share']:.2f}% | {100 * r['bytes_share_if_bank_replicated']:.2f}% | "
+                     f"{100 * r['h_hat_all_reduce_share']:.2f}% | "
                      f"{100 * r['all_gather_share']:.2f}% |")
     return "\n".join(lines)
 

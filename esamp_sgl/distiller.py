@@ -66,7 +66,7 @@ def distiller_forward_grouped(params: Params, x: torch.Tensor, groups: RowGroups
     """ĥ [L, n, d] for the grouped rows: one batched product per weight, no per-row weight gather
     (which costs r times more memory traffic). Eager only: the grouping is data-dependent."""
     L, n = groups.index.shape
-    rows = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, groups.index.flatten()).view(L, n, -1)
+    rows = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, groups.index.flatten()).view(L, n, x.shape[1])
     A, G, b, B, ln_w, ln_b = params
     return distill(rows, A, G, b.unsqueeze(1), B, ln_w.unsqueeze(1), ln_b.unsqueeze(1))
 

@@ -13,13 +13,14 @@ verify the logic; capture and replay themselves can only be exercised on a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from esamp_sgl.config import MixVariant
 from esamp_sgl.distiller import Params
-from esamp_sgl.latent_step import distill_and_mix
+from esamp_sgl.latent_step import distill_and_mix, distill_and_mix_sharded
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class GraphRows:
         self.max_rows = max_rows
         self.beta = torch.zeros(max_rows, dtype=torch.float32, device=device)
         self.slot = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self.held = torch.zeros(max_rows, dtype=torch.bool, device=device)  # rows of this rank's groups
         self.x = torch.zeros(max_rows, d, dtype=torch.float32, device=device)
         self.h = torch.zeros_like(self.x)
         self.h_hat = torch.zeros_like(self.x)
@@ -49,17 +51,21 @@ class GraphRows:
         self.amateur_by_logits: dict[int, torch.Tensor] = {}
 
     def load(self, beta: list[float], slot: list[int]) -> None:
-        """Before a step: β and slot of the live rows (host lists, row i = batch row i); every
-        other row gets β = 0. One host-to-device copy per buffer, no sync."""
+        """Before a step: β and bank slot of the live rows (host lists, row i = batch row i; slot
+        −1: a row of no group, or of a group another TP rank holds); every other row gets β = 0.
+        One host-to-device copy per buffer, no sync."""
         n = len(beta)
         if n > self.max_rows:
             raise ValueError(f"{n} rows exceed the {self.max_rows} rows captured")
         if n == 0 and self._live == 0:
             return
         self.beta[n:].zero_()
+        self.held[n:].zero_()
         if n:
             self.beta[:n].copy_(torch.tensor(beta, dtype=torch.float32, pin_memory=self._pin), non_blocking=True)
             self.slot[:n].copy_(torch.tensor([max(s, 0) for s in slot], dtype=torch.int64, pin_memory=self._pin),
+                                non_blocking=True)
+            self.held[:n].copy_(torch.tensor([s >= 0 for s in slot], dtype=torch.bool, pin_memory=self._pin),
                                 non_blocking=True)
         self._live = n
 
@@ -68,13 +74,20 @@ class GraphRows:
         self.load([], [])
 
     def step(self, params: Params, x: torch.Tensor, h: torch.Tensor, variant: MixVariant, mix: bool,
-             start: Params | None = None) -> torch.Tensor:
+             start: Params | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             on_error: Callable[[Exception], None] | None = None) -> torch.Tensor:
         """Inside the graph, for all n rows of the (padded) batch: ĥ, novelty and the snapshot;
         returns h with every row mixed (``mix``) or h unchanged (post-filter mode mixes the logits
-        after the graph, from the snapshot's ĥ). ``start``: as in distill_and_mix. Graph-safe:
+        after the graph, from the snapshot's ĥ). ``start``: as in distill_and_mix; ``reduce`` and
+        ``on_error``: the groups are sharded over TP ranks (distill_and_mix_sharded). Graph-safe:
         fixed shapes, no host syncs."""
         n = h.shape[0]
-        h_mix, h_hat, novelty = distill_and_mix(params, x, h, self.slot[:n], self.beta[:n], variant, start=start)
+        if reduce is None:
+            h_mix, h_hat, novelty = distill_and_mix(params, x, h, self.slot[:n], self.beta[:n], variant, start=start)
+        else:
+            h_mix, h_hat, novelty = distill_and_mix_sharded(params, x, h, self.slot[:n], self.held[:n],
+                                                            self.beta[:n], reduce, variant, start=start,
+                                                            on_error=on_error)
         self.x[:n].copy_(x)
         self.h[:n].copy_(h)
         self.h_hat[:n].copy_(h_hat)

@@ -7,6 +7,9 @@ other mix variants). Both are graph-safe: persistent inputs, fixed shapes, no ho
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 
 from esamp_sgl.config import MixVariant
@@ -35,6 +38,14 @@ def distill_and_mix_torch(params: Params, x: torch.Tensor, h: torch.Tensor, slot
                                             x.to(torch.float32), groups)
         padded = torch.cat([h.to(torch.float32), h.new_zeros(1, h.shape[1], dtype=torch.float32)])
         h_hat = padded.index_copy(0, groups.index.flatten(), grouped.flatten(0, 1))[:-1]
+    return mix_prediction(x, h, h_hat, beta, variant, start)
+
+
+def mix_prediction(x: torch.Tensor, h: torch.Tensor, h_hat: torch.Tensor, beta: torch.Tensor,
+                   variant: MixVariant = "plain", start: Params | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h_mix, ĥ, novelty) from ĥ [N, d] fp32 predicted for the exploring rows (other rows: any
+    value; they come out with ĥ = h, novelty 0 and h_mix = h bit for bit)."""
     active = (beta != 0).unsqueeze(-1)
     h_hat = torch.where(active, h_hat, h.to(torch.float32))
     error = novelty(h, h_hat)
@@ -54,3 +65,31 @@ def distill_and_mix(params: Params, x: torch.Tensor, h: torch.Tensor, slot: torc
 
         return distill_mix_triton(params, x, h, slot, beta)
     return distill_and_mix_torch(params, x, h, slot, beta, variant, None if h.is_cuda else groups, start)
+
+
+def distill_and_mix_sharded(params: Params, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor,
+                            held: torch.Tensor, beta: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor],
+                            variant: MixVariant = "plain", groups: RowGroups | None = None,
+                            start: Params | None = None, on_error: Callable[[Exception], None] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """distill_and_mix with the groups shared out over tensor-parallel ranks (esamp_sgl/shard.py):
+    ``params`` and ``slot`` are this rank's bank and local slots, ``held`` [N] bool marks the rows
+    of the groups it holds, ``reduce`` sums a tensor over the ranks (SGLang's TP all-reduce, which
+    is CUDA-graph safe), ``groups`` (eager, CPU) groups the held rows by local slot. Every rank
+    must call it for the same rows, and gets the same (h_mix, ĥ, novelty).
+
+    The ranks must meet in the all-reduce whatever happens on one of them: where this rank's
+    prediction raises, ``on_error`` gets the error and the rank contributes NaN rows for its
+    groups. A row whose summed ĥ is not finite is served unmixed (β = 0) on every rank alike —
+    which also covers a prediction that is itself NaN."""
+    try:
+        _, own, _ = distill_and_mix(params, x, h, slot, torch.where(held, beta, 0.0), "plain", groups)
+        part = torch.where(held.unsqueeze(-1), own, 0.0)
+    except Exception as error:
+        if on_error is None:
+            raise
+        on_error(error)
+        part = torch.zeros(h.shape, dtype=torch.float32, device=h.device).masked_fill_(held.unsqueeze(-1), math.nan)
+    h_hat = reduce(part)
+    served = h_hat.isfinite().all(-1)
+    return mix_prediction(x, h, h_hat, torch.where(served, beta, 0.0), variant, start)

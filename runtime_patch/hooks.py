@@ -17,6 +17,7 @@ import torch
 
 from esamp_sgl import params as esamp_params
 from esamp_sgl.config import ESampConfig
+from esamp_sgl.shard import GroupShard
 from esamp_sgl.transfer import to_device
 from runtime_patch.scheduler_state import (TOKEN_KEY, SchedulerState, attach_seeds, attach_token_info,
                                            filters_candidates)
@@ -159,15 +160,23 @@ def attach_to_worker(result: None, worker: Any, *args: Any, **kwargs: Any) -> No
     SGLang captures CUDA graphs after the worker is built (Scheduler.init_all_cuda_graphs), so a
     captured layer (source "layer:N") and the graph-form step are in every graph. Raises (and so
     fails server startup) for models ESamp cannot read its shallow state from.
+
+    Under tensor parallelism the rank holds its share of the groups (esamp_sgl/shard.py) and sums
+    the ranks' predictions with the TP group's all-reduce, the one the model's own layers use
+    (CUDA-graph safe; without DP attention, which ESamp refuses, it spans the scheduler's ranks).
     """
     global _state
     if kwargs.get("is_draft_worker") or _state is not None:
         return
+    from sglang.srt.distributed.parallel_state import get_tp_group
     from sglang.srt.runtime_context import get_parallel
 
-    runner = worker.model_runner
+    runner, tp = worker.model_runner, get_tp_group()
     _state = SchedulerState(_cfg, runner.model, torch.device(runner.device), runner.model_config.model_path,
-                            dp_rank=get_parallel().dp_rank or 0)
+                            dp_rank=get_parallel().dp_rank or 0, shard=GroupShard(tp.rank_in_group, tp.world_size),
+                            all_reduce=tp.all_reduce if tp.world_size > 1 else None,
+                            agreed_clock=(lambda: tp.broadcast_object(time.monotonic(), src=0))
+                            if tp.world_size > 1 else None)
     runner.capture_head_hooks.append(begin_decode_capture)
     runner.capture_tail_hooks.append(end_decode_capture)
 
@@ -401,8 +410,9 @@ def report_state(result: Any, *args: Any, **kwargs: Any) -> None:
     """AFTER SchedulerInternalStateController.get_internal_state (SGLang 0.5.23): /server_info.
 
     Every tensor-parallel rank of the scheduler runs this for the same request (SGLang
-    broadcasts requests from TP rank 0), so the ranks' distiller checksums are gathered here:
-    ``distiller_checksums[i]`` is TP rank i's."""
+    broadcasts requests from TP rank 0), so per-rank figures are gathered here, entry i being
+    TP rank i's: ``distiller_checksums`` (of the groups the rank holds), ``training_steps_per_rank``
+    and ``hook_errors_per_rank`` (an error in one rank's share of a step is counted there alone)."""
     from sglang.srt.distributed.parallel_state import get_tp_group
     from runtime_patch.plugin import scheduler_hooks_applied
 
@@ -412,5 +422,8 @@ def report_state(result: Any, *args: Any, **kwargs: Any) -> None:
         entry.update(_state.report())
         entry["dp_rank"] = _state.dp_rank
         checksum, tp = _state.bank.checksum(), get_tp_group()
-        entry["distiller_checksums"] = tp.all_gather_object(checksum) if tp.world_size > 1 else [checksum]
+        gather = tp.all_gather_object if tp.world_size > 1 else (lambda value: [value])
+        entry["distiller_checksums"] = gather(checksum)
+        entry["training_steps_per_rank"] = gather(_state.bank.train_steps)
+        entry["hook_errors_per_rank"] = gather(_state.counters.hook_errors)
     result.internal_state["esamp"] = entry

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -23,9 +23,10 @@ from esamp_sgl.config import ESampConfig, scheduled_beta
 from esamp_sgl.distiller import DistillerBank, RowGroups
 from esamp_sgl.graph_rows import GraphRows
 from esamp_sgl.lane import CudaStreamLane, DeferredLane
-from esamp_sgl.latent_step import distill_and_mix
+from esamp_sgl.latent_step import distill_and_mix, distill_and_mix_sharded
 from esamp_sgl.mix import FLOAT_PASSES_ON, candidate_mask, contrast_above_floor_, contrast_candidates_, min_p_floor
 from esamp_sgl.seeded import seeded_sample
+from esamp_sgl.shard import GroupShard
 from esamp_sgl.slots import NoFreeSlot, SlotTable
 from esamp_sgl.transfer import to_device
 from runtime_patch.metrics import metrics_if_enabled
@@ -37,7 +38,9 @@ SEEDS_ATTR = "esamp_seeds"  # set on a batch's SamplingBatchInfo: per-row esamp.
 # Fault injection for tests (off unless the variable is set): the ESamp parts it names ("mix",
 # "graph_step") raise in every step that has a row of a group whose name starts with
 # FAULT_GROUP_PREFIX; "nonfinite" turns the training inputs of rows of groups named
-# NONFINITE_GROUP_PREFIX... into NaN (their mix is computed first, from the real states).
+# NONFINITE_GROUP_PREFIX... into NaN (their mix is computed first, from the real states);
+# "held_part" makes the prediction of a TP rank that holds a fault-test group's row raise (a
+# fault on that rank alone: the ranks must still meet in their all-reduce).
 FAULTS_ENV = "ESAMP_SGL_TEST_FAULTS"
 FAULT_GROUP_PREFIX = "esamp-test-fault"
 NONFINITE_GROUP_PREFIX = "esamp-test-nonfinite"
@@ -61,8 +64,9 @@ class StepRows:
 
     beta: torch.Tensor  # [N] fp32 on the model's device
     beta_host: list[float]  # the same, on the host: reporting it needs no device sync
-    slot: list[int]  # -1 where the row does not explore
-    warm_slot: list[int]  # the group's slot where an extend of this row warms the group up, else -1
+    slot: list[int]  # the group's global slot; -1 where the row does not explore
+    bank_slot: list[int]  # the slot in this rank's bank; -1 also where another TP rank holds the group
+    warm_slot: list[int]  # the group's global slot where an extend of this row warms it up, else -1
     debug: list[bool]
     group: list[str | None]
     seed: list[int | None]
@@ -113,6 +117,17 @@ class SchedulerState:
     device: torch.device
     model_path: str
     dp_rank: int = 0  # the data-parallel rank this scheduler serves (reported per token)
+    # Tensor parallelism: this rank's share of the groups, and the all-reduce over the TP group
+    # that sums the ranks' predictions (required where shard.size > 1; esamp_sgl/shard.py).
+    shard: GroupShard = field(default_factory=GroupShard)
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Under TP: TP rank 0's clock, broadcast. Sharded groups need every rank's slot table to make
+    # the same choices, and a group's TTL run out on one rank's clock but not yet on another's
+    # would hand out different slots. So the tables' clock is this time, taken (collectively: every
+    # rank sees the same new requests at the same step) when a new request looks for its group's
+    # slot; between new requests it stands still, so an idle TP server frees expired groups at
+    # the next exploring request, not before.
+    agreed_clock: Callable[[], float] | None = None
     bank: DistillerBank = field(init=False)
     lane: DeferredLane = field(init=False)
     slots: SlotTable = field(init=False)
@@ -137,11 +152,15 @@ class SchedulerState:
         if self.cfg.source_layer is not None:
             capture_layer(self.model, self.cfg.source_layer)
         hidden = embed.weight.shape[1]
-        self.bank = DistillerBank(self.cfg.max_groups, hidden, self.cfg, device=self.device,
+        if self.shard.size > 1 and self.all_reduce is None:
+            raise ValueError("groups sharded over tensor-parallel ranks need the TP all-reduce")
+        self.bank = DistillerBank(self.shard.slots_held(self.cfg.max_groups), hidden, self.cfg, device=self.device,
                                   **initial_weights(self.cfg, self.model, self.model_path))
         lane_cls = CudaStreamLane if self.device.type == "cuda" else DeferredLane
         self.lane = lane_cls(self.bank, self.cfg.staleness)
-        self.slots = SlotTable(self.cfg.max_groups, ttl=self.cfg.group_ttl)
+        self._agreed_now = 0.0
+        self.slots = SlotTable(self.cfg.max_groups, ttl=self.cfg.group_ttl,
+                               **({"clock": lambda: self._agreed_now} if self.agreed_clock else {}))
         self.metrics = metrics_if_enabled([k for k, v in self.report().items() if isinstance(v, (int, float))])
         self._faults = frozenset(filter(None, os.environ.get(FAULTS_ENV, "").split(",")))
 
@@ -182,6 +201,40 @@ class SchedulerState:
                 g is not None and g.startswith(FAULT_GROUP_PREFIX) for g in self.current.group):
             raise RuntimeError(f"ESamp test fault in {part}")
 
+    def held_params(self, step: StepRows) -> tuple:
+        """The weights this rank predicts its held rows from: none, so that the prediction raises,
+        where FAULTS_ENV names "held_part" and the rank holds a row of a fault-test group."""
+        if "held_part" in self._faults and self.all_reduce is not None and any(
+                s >= 0 and g is not None and g.startswith(FAULT_GROUP_PREFIX) for s, g in zip(step.bank_slot, step.group)):
+            return ()
+        return self.lane.forward_params
+
+    def rank_error(self, error: Exception) -> None:
+        """An error in this TP rank's own share of a step (its groups' training, warm-up or
+        prediction): counted and logged, and the step goes on, so that the ranks still meet in
+        the step's all-reduce (esamp_sgl/latent_step.distill_and_mix_sharded)."""
+        self.counters.hook_errors += 1
+        logger.error("ESamp: error in this TP rank's share of a step; its groups' rows are served unmixed",
+                     exc_info=error)
+
+    @contextmanager
+    def rank_local(self) -> Iterator[None]:
+        """Work on this rank's own groups alone. Under TP an error in it is the rank's alone: were
+        it to end the step there (``contained``), the other ranks would wait in the step's
+        all-reduce for ever, so it goes to rank_error and the step goes on. Without TP it propagates."""
+        if self.all_reduce is None:
+            yield
+            return
+        try:
+            yield
+        except Exception as error:
+            self.rank_error(error)
+
+    def begin_lane_step(self) -> None:
+        """The training the lane owes this step (this rank's groups: rank_local)."""
+        with self.timed("training"), self.rank_local():
+            self.lane.begin_step()
+
     def training_inputs(self, x: torch.Tensor, groups: list) -> torch.Tensor:
         """``x`` as training receives it: unchanged, unless FAULTS_ENV names "nonfinite" and a
         row's group is a NONFINITE_GROUP_PREFIX one (then that row is NaN)."""
@@ -209,10 +262,12 @@ class SchedulerState:
         for r in sampling:
             if r is not None:
                 r.sampled += 1
+        slot = [r.slot if r else -1 for r in sampling]
         self.current = StepRows(
             beta=to_device(betas, torch.float32, self.device),
             beta_host=betas,
-            slot=[r.slot if r else -1 for r in sampling],
+            slot=slot,
+            bank_slot=self.shard.local_slots(slot),
             warm_slot=[r.slot if r is not None and self.cfg.warmup_steps else -1 for r in rows],
             debug=[bool(r and r.params.debug) for r in sampling],
             group=[r.group if r else None for r in sampling],
@@ -245,6 +300,8 @@ class SchedulerState:
             self.requests[req.rid] = known = ExploringRequest(params, None, -1)
             return known
         group = params.group or req.rid
+        if self.agreed_clock is not None:
+            self._agreed_now = self.agreed_clock()
         try:
             slot, fresh = self.slots.acquire(group)
         except NoFreeSlot:
@@ -255,7 +312,8 @@ class SchedulerState:
             self.requests[req.rid] = known = ExploringRequest(replace(params, beta=0.0), None, -1)
             return known
         if fresh:
-            self.lane.reset_slots(to_device([slot], torch.int64, self.device))
+            if (held := self.shard.local(slot)) >= 0:
+                self.lane.reset_slots(to_device([held], torch.int64, self.device))
             self.counters.groups_created += 1
         self.requests[req.rid] = known = ExploringRequest(params, group, slot)
         return known
@@ -296,12 +354,15 @@ class SchedulerState:
         for i, slot in enumerate(step.warm_slot):
             if slot >= 0:
                 rows.append(torch.arange(int(ends[i]) - extend_lens[i], int(ends[i])))
-                slots.append(torch.full((extend_lens[i],), slot, dtype=torch.int64))
+                slots.append(torch.full((extend_lens[i],), self.shard.local(slot), dtype=torch.int64))
         if not rows:
             return
+        # Every rank computes the shallow state of every warming row (under TP the embedding is a
+        # collective); each trains the groups it holds (the others' rows have bank slot −1).
         index = to_device(torch.cat(rows), torch.int64, hidden.device)
         x = self.shallow_state(input_ids, aux_hidden_states, index)
-        self.lane.warm_up(x, hidden.index_select(0, index), torch.cat(slots))
+        with self.rank_local():
+            self.lane.warm_up(x, hidden.index_select(0, index), torch.cat(slots))
         self.counters.warmed_up_tokens += len(index)
 
     def mix(self, input_ids: torch.Tensor, hidden: torch.Tensor, aux_hidden_states, rows: torch.Tensor
@@ -309,18 +370,23 @@ class SchedulerState:
         """Hidden states with the sampled ``rows`` mixed, ĥ of those rows, one info entry per row."""
         self.inject_test_fault("mix")
         step = self.current
-        with self.timed("training"):
-            self.lane.begin_step()
+        self.begin_lane_step()
         with self.timed("shallow_state"):
             x = self.shallow_state(input_ids, aux_hidden_states, rows)
         with self.timed("distill_and_mix"):
             h = hidden.index_select(0, rows)
-            slot = torch.tensor(step.slot, dtype=torch.int64)
+            slot = torch.tensor(step.bank_slot, dtype=torch.int64)
             # The slot-grouped form is the CPU's (on CUDA the fused kernel gathers per row).
             groups = None if self.device.type == "cuda" else RowGroups.of(slot, self.device)
-            h_mix, h_hat, novelty = distill_and_mix(self.lane.forward_params, x, h,
-                                                    to_device(slot.clamp_min(0), torch.int64, self.device),
-                                                    step.beta, self.cfg.mix, groups, start=self.bank.template)
+            bank_slot = to_device(slot.clamp_min(0), torch.int64, self.device)
+            if self.all_reduce is None:
+                h_mix, h_hat, novelty = distill_and_mix(self.lane.forward_params, x, h, bank_slot, step.beta,
+                                                        self.cfg.mix, groups, start=self.bank.template)
+            else:
+                held = to_device([s >= 0 for s in step.bank_slot], torch.bool, self.device)
+                h_mix, h_hat, novelty = distill_and_mix_sharded(self.held_params(step), x, h, bank_slot, held,
+                                                                step.beta, self.all_reduce, self.cfg.mix, groups,
+                                                                start=self.bank.template, on_error=self.rank_error)
             out = hidden.clone()
             out.index_copy_(0, rows, h_mix)
         with self.timed("training"):
@@ -417,8 +483,11 @@ class SchedulerState:
         with self.timed("shallow_state"):
             x = self.shallow_state(input_ids, aux_hidden_states)
         with self.timed("distill_and_mix"):
-            out = self.graph_rows.step(self.lane.forward_params, x, hidden, self.cfg.mix,
-                                       mix=self.cfg.filter_mode == "pre", start=self.bank.template)
+            # Inside a capture an error is everyone's (the same code on the same shapes): it raises.
+            params = self.lane.forward_params if self.current is None else self.held_params(self.current)
+            out = self.graph_rows.step(params, x, hidden, self.cfg.mix, mix=self.cfg.filter_mode == "pre",
+                                       start=self.bank.template, reduce=self.all_reduce,
+                                       on_error=None if self.capturing else self.rank_error)
         if self.cfg.filter_mode == "post":
             self.arm_amateur(self.graph_rows.h_hat[: hidden.shape[0]])
         return out
@@ -440,9 +509,8 @@ class SchedulerState:
         if step is None or not step.mixing:
             self.graph_rows.clear()
             return
-        with self.timed("training"):
-            self.lane.begin_step()
-        self.graph_rows.load(step.beta_host, step.slot)
+        self.begin_lane_step()
+        self.graph_rows.load(step.beta_host, step.bank_slot)
 
     def after_replay(self, output, sampling_info, amateur: torch.Tensor | None, second_pass) -> Any:
         """After the replay, before sampling: queue the step's rows for training, post-filter
@@ -456,7 +524,7 @@ class SchedulerState:
         snap = self.graph_rows.rows(n)
         with self.timed("training"):
             self.lane.submit(self.training_inputs(snap.x, step.group), snap.h,
-                             torch.tensor(step.slot, dtype=torch.int64), step.owner)
+                             torch.tensor(step.bank_slot, dtype=torch.int64), step.owner)
         if self.cfg.filter_mode == "post":
             if amateur is None:
                 self.counters.amateur_second_pass += 1
@@ -519,6 +587,7 @@ class SchedulerState:
             "requests_exploring": len(self.requests),
             "slots_evicted": self.slots.evictions,
             "slots_max": self.cfg.max_groups,
+            "bank_slots": self.bank.num_slots,  # this rank's: ⌈slots_max / TP size⌉ (esamp_sgl/shard.py)
             "max_beta": self.cfg.max_beta,
             "training_steps": self.bank.train_steps,
             "distiller_resets": int(self.bank.reset_count),

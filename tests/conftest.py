@@ -53,11 +53,12 @@ def launch(model: Path, name: str, *flags: str, env: dict[str, str | None] | Non
 
 
 @contextmanager
-def launch_side_by_side(*specs: tuple) -> Iterator[list[LaunchedServer]]:
-    """Servers started at once, one per ``(model, name, *flags)``: their startups (mostly one
-    core's imports and loading) overlap. If one fails, the others are stopped and its error raised."""
+def launch_side_by_side(*specs: tuple, env: dict[str, str | None] | None = None) -> Iterator[list[LaunchedServer]]:
+    """Servers started at once, one per ``(model, name, *flags)``, each with ``env``: their
+    startups (mostly one core's imports and loading) overlap. If one fails, the others are
+    stopped and its error raised."""
     with ThreadPoolExecutor(len(specs)) as pool:
-        futures = [pool.submit(start_server, *spec) for spec in specs]
+        futures = [pool.submit(start_server, *spec, env=env) for spec in specs]
     started = [f.result() for f in futures if f.exception() is None]
     try:
         if len(started) < len(specs):

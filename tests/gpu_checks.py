@@ -12,6 +12,8 @@ Each check would fail on a GPU if the defect it names came back:
   batch, the LM head projecting [h; ĥ] in one pass over padded vocabulary rows with a softcap),
   replayed for fewer live rows than captured, with β, slots and weights changed between replays;
 - the fused Triton kernel against its torch reference in fp16 and bf16 at d = 576 and 4096.
+The checks marked ",tp" run the step in its tensor-parallel form (groups sharded over the ranks,
+distill_and_mix_sharded) as the one rank of a group of 1: one GPU cannot run a real all-reduce.
 
 The scheduler state is built on a stand-in model that has only what ESamp reads (token
 embedding, layer 0's input norm); the logits path is a stand-in for SGLang's LM head with its
@@ -88,11 +90,14 @@ class _StandInModel(torch.nn.Module):
         self.model.layers = torch.nn.ModuleList([layer])
 
 
-def _state(filter_mode: str, decode_path: str = "auto"):
+def _state(filter_mode: str, decode_path: str = "auto", sharded: bool = False):
+    """``sharded``: the step in its tensor-parallel form (distill_and_mix_sharded) on one GPU, as
+    the one rank of a TP group of 1 whose all-reduce returns its input: every row is held."""
     from runtime_patch.scheduler_state import SchedulerState
 
     cfg = ESampConfig(init="random", rank=8, init_std=0.3, lr=0.05, filter_mode=filter_mode, decode_path=decode_path)
-    return SchedulerState(cfg, _StandInModel().to(CUDA), CUDA, "unused")
+    return SchedulerState(cfg, _StandInModel().to(CUDA), CUDA, "unused",
+                          all_reduce=(lambda t: t) if sharded else None)
 
 
 def _head(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -104,7 +109,8 @@ def _step_rows(beta: list[float], slot: list[int]):
     from runtime_patch.scheduler_state import StepRows
 
     n = len(beta)
-    return StepRows(beta=to_device(beta, torch.float32, CUDA), beta_host=beta, slot=slot, warm_slot=[-1] * n,
+    return StepRows(beta=to_device(beta, torch.float32, CUDA), beta_host=beta, slot=slot, bank_slot=slot,
+                    warm_slot=[-1] * n,
                     debug=[False] * n, group=[f"g{s}" if s >= 0 else None for s in slot], seed=[None] * n,
                     top_k=[20] * n, owner=[(f"r{i}", 0) if s >= 0 else None for i, s in enumerate(slot)])
 
@@ -124,8 +130,8 @@ def _lm_head(state, head, hidden: torch.Tensor) -> torch.Tensor:
     return hooks.lm_head_with_amateur(lambda _p, h, _head, _md: head(h), None, hidden, None, None)
 
 
-def check_decode_step_makes_no_host_sync(form: str) -> None:
-    state = _state("post", decode_path="graph" if form == "graph" else "auto")
+def check_decode_step_makes_no_host_sync(form: str, sharded: bool = False) -> None:
+    state = _state("post", decode_path="graph" if form == "graph" else "auto", sharded=sharded)
     head = _head(torch.randn(VOCAB_PADDED, D, device=CUDA) * 0.3)
     beta, slot = [1.0, 0.0, 0.5, 2.0, 1.0], [0, -1, 1, 0, 2]
     n = len(beta)
@@ -158,11 +164,11 @@ def check_decode_step_makes_no_host_sync(form: str) -> None:
     assert state.counters.steps == 4 and state.bank.train_steps >= 2
 
 
-def check_captured_decode_step_replays_padded(filter_mode: str) -> None:
+def check_captured_decode_step_replays_padded(filter_mode: str, sharded: bool = False) -> None:
     """Captured for 8 rows as SGLang's capture hooks bracket it, replayed for 3 and 5 live rows."""
     from esamp_sgl.mix import candidate_mask, post_filter_logits
 
-    max_rows, state = 8, _state(filter_mode)
+    max_rows, state = 8, _state(filter_mode, sharded=sharded)
     weight = torch.randn(VOCAB_PADDED, D, device=CUDA) * 0.3
     head = _head(weight)
     static_ids = torch.zeros(max_rows, dtype=torch.int64, device=CUDA)
@@ -242,10 +248,12 @@ def check_triton_kernel(dtype: torch.dtype, d: int) -> None:
 
 CHECKS: dict[str, Callable[[], None]] = {
     **{f"lane_on_a_forward_stream[staleness={k}]": (lambda k=k: check_lane_on_a_forward_stream(k)) for k in (0, 1, 3)},
-    **{f"decode_step_makes_no_host_sync[{form}]": (lambda form=form: check_decode_step_makes_no_host_sync(form))
-       for form in ("eager", "graph")},
-    **{f"captured_decode_step_replays_padded[{mode}]": (lambda mode=mode: check_captured_decode_step_replays_padded(mode))
-       for mode in ("pre", "post")},
+    **{f"decode_step_makes_no_host_sync[{form}{',tp' if tp else ''}]":
+       (lambda form=form, tp=tp: check_decode_step_makes_no_host_sync(form, tp))
+       for form in ("eager", "graph") for tp in (False, True)},
+    **{f"captured_decode_step_replays_padded[{mode}{',tp' if tp else ''}]":
+       (lambda mode=mode, tp=tp: check_captured_decode_step_replays_padded(mode, tp))
+       for mode in ("pre", "post") for tp in (False, True)},
     **{f"triton_kernel[{str(dt).split('.')[-1]},d={d}]": (lambda dt=dt, d=d: check_triton_kernel(dt, d))
        for dt in (torch.float16, torch.bfloat16) for d in (576, 4096)},
 }

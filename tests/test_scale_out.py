@@ -18,18 +18,20 @@ import esamp_sgl  # noqa: F401  (explore= in sgl.gen)
 from esamp_sgl.benchmarks.parity import first_divergence, top_two_gap
 from esamp_sgl.launcher import LaunchedServer
 from esamp_sgl.router_route import ROUTING_KEY
-from tests.conftest import LaunchedRouter, launch_side_by_side
+from runtime_patch.scheduler_state import FAULT_GROUP_PREFIX, FAULTS_ENV
+from tests.conftest import LaunchedRouter, launch_side_by_side, start_server
 from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, complete_in_group, esamp_stats, explore, gen, post
 
-FLAGS = ("--esamp-init", "random", "--esamp-lr", "0.05")
+FLAGS = ("--esamp-init", "random", "--esamp-lr", "0.05", "--esamp-warmup-steps", "2")  # warm-up: rank-local training
 TIE = 1e-4  # top-two logprobs closer than this are a float tie: TP's all-reduce sums in another order
 
 
 @pytest.fixture(scope="module")
 def servers(tiny_model_path) -> Iterator[list[LaunchedServer]]:
-    """(TP 1, TP 2), started side by side."""
+    """(TP 1, TP 2), started side by side; "held_part" faults (TP only) for test-fault groups."""
     with launch_side_by_side((tiny_model_path, "esamp-tiny-tp1", *FLAGS),
-                             (tiny_model_path, "esamp-tiny-tp2", *FLAGS, "--tp-size", "2")) as started:
+                             (tiny_model_path, "esamp-tiny-tp2", *FLAGS, "--tp-size", "2"),
+                             env={FAULTS_ENV: "held_part"}) as started:
         yield started
 
 
@@ -70,15 +72,54 @@ def test_tp2_explores_as_tp1(servers, case):
     assert_same_tokens_or_float_tie(reference, out, greedy=case == "greedy")
 
 
-def test_tp_ranks_end_with_identical_distillers(servers):
-    _, tp2 = servers
+def test_tp2_in_graph_form_explores_as_tp1(servers, tiny_model_path):
+    """The decode step in the form a captured CUDA graph replays (distill_and_mix_sharded inside
+    GraphRows, the all-reduce in the step) at TP 2, against the eager TP 1 server."""
+    tp1, _ = servers
+    with start_server(tiny_model_path, "esamp-tiny-tp2-graph", *FLAGS, "--tp-size", "2",
+                      "--esamp-decode-path", "graph") as graph_tp2:
+        for case, sampling in (("greedy", dict(GREEDY)),
+                               ("seeded-post-path", {"temperature": 1.0, "top_k": 8, "max_new_tokens": N_TOKENS,
+                                                     "ignore_eos": True, "seed": 7})):
+            seed = sampling.pop("seed", None)
+            esamp = {"group": f"tp-graph-{case}-{uuid.uuid4().hex}"} | ({} if seed is None else {"seed": seed})
+            reference = generate(tp1, PROMPTS[2], **sampling, **explore(1.0, **esamp))
+            out = generate(graph_tp2, PROMPTS[2], **sampling, **explore(1.0, **esamp))
+            assert out["meta_info"]["esamp"]["tokens_mixed"] == N_TOKENS
+            assert_same_tokens_or_float_tie(reference, out, greedy=case == "greedy")
+        assert esamp_stats(graph_tp2)["graph_steps"] >= 2 * (N_TOKENS - 1)
+
+
+def test_tp_ranks_share_the_groups_out(servers):
+    """Each TP rank holds and trains its half of the groups (esamp_sgl/shard.py), not a copy of
+    all of them; test_tp2_explores_as_tp1 shows that the tokens do not change for it."""
+    tp1, tp2 = servers
     with ThreadPoolExecutor(3) as pool:  # several groups, batched together
         list(pool.map(lambda i: gen(tp2, PROMPTS[i], temperature=1.0, max_new_tokens=8, n=2,
-                                    **explore(1.0, group=f"ck-{i}")), range(3)))
+                                    **explore(1.0, group=f"share-{uuid.uuid4().hex}")), range(3)))
     stats = esamp_stats(tp2)
-    assert stats["training_steps"] > 0 and stats["hook_errors"] == 0
+    assert stats["hook_errors"] == 0 and stats["mixed_tokens"] > 0 and stats["warmed_up_tokens"] > 0
+    assert stats["bank_slots"] == -(-stats["slots_max"] // 2) == -(-esamp_stats(tp1)["bank_slots"] // 2)
+    assert len(stats["training_steps_per_rank"]) == 2 and min(stats["training_steps_per_rank"]) > 0
     checksums = stats["distiller_checksums"]
-    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert len(checksums) == 2 and checksums[0] != checksums[1]  # different groups' weights
+
+
+def test_a_fault_on_one_tp_rank_serves_its_groups_rows_unmixed_on_every_rank(servers):
+    """The rank that holds a fault-test group fails its prediction every step; the ranks still
+    meet in their all-reduce (no hang), that group's rows are served unmixed on both (its greedy
+    tokens are plain ones), the group beside it keeps exploring, and the error is counted."""
+    _, tp2 = servers
+    before = sum(esamp_stats(tp2)["hook_errors_per_rank"])
+    with ThreadPoolExecutor(2) as pool:
+        faulty = pool.submit(gen, tp2, PROMPTS[0], **GREEDY, **explore(2.0, group=f"{FAULT_GROUP_PREFIX}-{uuid.uuid4().hex}"))
+        beside = pool.submit(gen, tp2, PROMPTS[1], temperature=1.0, max_new_tokens=N_TOKENS, ignore_eos=True,
+                             **explore(1.0, group=f"beside-{uuid.uuid4().hex}"))
+        faulty, beside = faulty.result(), beside.result()
+    assert faulty["output_ids"] == gen(tp2, PROMPTS[0], **GREEDY)["output_ids"]
+    assert faulty["meta_info"]["esamp"]["mean_novelty"] == 0.0
+    assert beside["meta_info"]["esamp"]["tokens_mixed"] == N_TOKENS and beside["meta_info"]["esamp"]["mean_novelty"] > 0
+    assert sum(esamp_stats(tp2)["hook_errors_per_rank"]) - before >= N_TOKENS
 
 
 def test_beta_zero_is_plain_at_tp2(servers):
