@@ -13,6 +13,7 @@ from sglang.srt.sampling.sampling_params import SamplingParams
 from transformers import LlamaForCausalLM
 
 from esamp_sgl.config import ESampConfig
+from esamp_sgl.shard import GroupShard
 from runtime_patch.scheduler_state import SchedulerState
 
 
@@ -23,8 +24,8 @@ def state(tiny_model_path) -> SchedulerState:
                           str(tiny_model_path))
 
 
-def _request(rid: str, beta: float) -> Req:
-    params = SamplingParams(max_new_tokens=8, custom_params={"esamp": {"beta": beta, "group": "g"}})
+def _request(rid: str, beta: float, group: str = "g") -> Req:
+    params = SamplingParams(max_new_tokens=8, custom_params={"esamp": {"beta": beta, "group": group}})
     return Req(rid, "", array("i", [1, 2, 3]), params)
 
 
@@ -41,3 +42,23 @@ def test_a_decode_batch_above_the_captured_graphs_takes_the_eager_form(state):
     mixed, h_hat, info = state.mix(torch.arange(8), hidden, None, torch.arange(8))
     assert mixed.shape == hidden.shape and not torch.equal(mixed, hidden) and all(info)
     state.end_batch()
+
+
+def test_tp_ranks_slot_tables_expire_groups_on_the_agreed_clock(tiny_model_path):
+    """Sharded groups need every TP rank's slot table to agree: their clock is the one broadcast
+    when a new request looks for its slot, whatever each rank's own clock says meanwhile."""
+    model = LlamaForCausalLM.from_pretrained(str(tiny_model_path)).eval()
+    agreed = iter([100.0, 100.5, 200.0])
+    state = SchedulerState(ESampConfig(init="random", group_ttl=10.0), model, torch.device("cpu"),
+                           str(tiny_model_path), shard=GroupShard(1, 2), all_reduce=lambda t: t,
+                           agreed_clock=lambda: next(agreed))
+    assert state.bank.num_slots == -(-state.cfg.max_groups // 2)
+    for rid, group in (("a", "ga"), ("b", "gb")):
+        state.begin_batch([_request(rid, 1.0, group)])
+        state.end_batch()
+        state.release(rid, 1)
+    assert state.current is None and [state.requests, len(state.slots)] == [{}, 2]
+    assert state.report()["groups_live"] == 2  # the agreed clock stands still between requests
+    state.begin_batch([_request("c", 1.0, "gc")])  # at 200: ga and gb are 99.5+ s past their last use
+    assert len(state.slots) == 1 and "gc" in state.slots
+    assert state.current.bank_slot == GroupShard(1, 2).local_slots(state.current.slot)
