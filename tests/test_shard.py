@@ -19,6 +19,7 @@ D, SLOTS, TP = 24, 5, 2
 CPU = torch.device("cpu")
 BETA = [1.0, 0.0, 0.5, 2.0, 1.0, 0.7]
 SLOT = [2, -1, 0, 3, 4, 1]  # global slots; row 1 explores in no group
+ONE_RANK = [0, -1, 2, 4, 0, 2]  # every group on rank 0: rank 1 holds no row of the step
 
 
 def test_every_slot_has_one_holder_and_the_banks_cover_it():
@@ -61,18 +62,19 @@ def run_ranks(step: Callable[[int, Callable[[torch.Tensor], torch.Tensor]], tupl
     return [step(rank, lambda t: total.clone()) for rank in range(TP)]
 
 
+@pytest.mark.parametrize("slots", [SLOT, ONE_RANK], ids=["both-ranks", "one-rank"])
 @pytest.mark.parametrize("variant", ["plain", "orthogonal", "learned"])
-def test_sharded_step_equals_the_whole_bank_bit_for_bit(variant):
+def test_sharded_step_equals_the_whole_bank_bit_for_bit(variant, slots):
     cfg = ESampConfig(init="random", rank=8, init_std=0.3, mix=variant)
     whole, banks = whole_and_shards(cfg)
     gen = torch.Generator().manual_seed(0)
     x, h = torch.randn(len(BETA), D, generator=gen), torch.randn(len(BETA), D, generator=gen)
     beta = torch.tensor(BETA)
-    want = distill_and_mix_torch(whole.params, x, h, torch.tensor(SLOT), beta, variant,
-                                 RowGroups.of(SLOT, CPU), start=whole.template)
+    want = distill_and_mix_torch(whole.params, x, h, torch.tensor(slots), beta, variant,
+                                 RowGroups.of(slots, CPU), start=whole.template)
 
     def step(rank: int, reduce) -> tuple:
-        local = GroupShard(rank, TP).local_slots(SLOT)
+        local = GroupShard(rank, TP).local_slots(slots)
         held = torch.tensor([s >= 0 for s in local])
         return distill_and_mix_sharded(banks[rank].params, x, h, torch.tensor(local).clamp_min(0), held, beta,
                                        reduce, variant, RowGroups.of(local, CPU), start=banks[rank].template)
