@@ -18,6 +18,7 @@ as plain_no_slot and in the server's refused_no_slot), which is ESamp's document
   .venv/bin/python benchmarks/soak.py                  # full form: saves benchmarks/results/soak.json
   .venv/bin/python benchmarks/soak.py --requests 200 --no-save   # the small form the tests run
   ... --url http://HOST:PORT   # someone's own esamp-sgl serve (RSS then not measured)
+  ... --tp-size 2 --requests 500 --name soak_tp2   # the server started here with tensor parallelism
 """
 
 from __future__ import annotations
@@ -376,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-save", action="store_true", help="print the result; do not write soak.json")
     parser.add_argument("--name", default="soak", help="results file: benchmarks/results/NAME.json")
+    parser.add_argument("--tp-size", type=int, default=1, help="tensor parallelism of the server started here")
     args = parser.parse_args(argv)
     if args.url:
         result = soak(args.url.rstrip("/"), None, requests_total=args.requests, clients=args.clients,
@@ -383,10 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = args.model or str(default_tiny_model())
         log = Path(tempfile.gettempdir()) / "esamp-soak-server.log"
-        with LaunchedServer(model, SERVER_FLAGS, log_path=log) as server:
+        flags = [*SERVER_FLAGS, *(["--tp-size", str(args.tp_size)] if args.tp_size > 1 else [])]
+        with LaunchedServer(model, flags, log_path=log) as server:
             result = soak(server.url, server, requests_total=args.requests, clients=args.clients,
                           seconds=args.seconds, seed=args.seed)
-        result["workload"]["model"] = model
+        result["workload"].update(model=model, server_flags=flags)
     print(json.dumps(result, indent=2))
     if not args.no_save:
         save_result(args.name, result)

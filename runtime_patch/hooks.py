@@ -419,6 +419,7 @@ def report_state(result: Any, *args: Any, **kwargs: Any) -> None:
     applied, missing = scheduler_hooks_applied()
     entry: dict[str, Any] = {"active": _state is not None and applied, "hooks_missing": missing}
     if _state is not None:
+        _state.agree_on_time()  # every TP rank is here for this request: the TTLs run out alike
         entry.update(_state.report())
         entry["dp_rank"] = _state.dp_rank
         checksum, tp = _state.bank.checksum(), get_tp_group()

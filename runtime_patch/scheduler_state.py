@@ -123,10 +123,10 @@ class SchedulerState:
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     # Under TP: TP rank 0's clock, broadcast. Sharded groups need every rank's slot table to make
     # the same choices, and a group's TTL run out on one rank's clock but not yet on another's
-    # would hand out different slots. So the tables' clock is this time, taken (collectively: every
-    # rank sees the same new requests at the same step) when a new request looks for its group's
-    # slot; between new requests it stands still, so an idle TP server frees expired groups at
-    # the next exploring request, not before.
+    # would hand out different slots. So the tables' clock is this time, taken (agree_on_time, a
+    # collective) where every rank is at the same point: when a new request looks for its group's
+    # slot (every rank sees the same new requests at the same step) and on /server_info; between
+    # those it stands still.
     agreed_clock: Callable[[], float] | None = None
     bank: DistillerBank = field(init=False)
     lane: DeferredLane = field(init=False)
@@ -200,6 +200,12 @@ class SchedulerState:
         if part in self._faults and self.current is not None and any(
                 g is not None and g.startswith(FAULT_GROUP_PREFIX) for g in self.current.group):
             raise RuntimeError(f"ESamp test fault in {part}")
+
+    def agree_on_time(self) -> None:
+        """Under TP, move the slot tables' clock to the agreed time: a collective, so every rank
+        must call it at the same point."""
+        if self.agreed_clock is not None:
+            self._agreed_now = self.agreed_clock()
 
     def held_params(self, step: StepRows) -> tuple:
         """The weights this rank predicts its held rows from: none, so that the prediction raises,
@@ -300,8 +306,7 @@ class SchedulerState:
             self.requests[req.rid] = known = ExploringRequest(params, None, -1)
             return known
         group = params.group or req.rid
-        if self.agreed_clock is not None:
-            self._agreed_now = self.agreed_clock()
+        self.agree_on_time()
         try:
             slot, fresh = self.slots.acquire(group)
         except NoFreeSlot:
