@@ -348,7 +348,7 @@ def soak(url: str, server: LaunchedServer | None, *, requests_total: int, client
     ratio = (latency["exploring_phase"]["p50"] / latency["control_phase"]["p50"]
              if latency["exploring_phase"]["p50"] and latency["control_phase"]["p50"] else None)
     counters = ("groups_live", "requests_exploring", "slots_evicted", "slots_max", "refused_no_slot",
-                "groups_created", "hook_errors", "distiller_resets", "mixed_tokens")
+                "groups_created", "hook_errors", "distiller_resets", "mixed_tokens", "slot_tables_agree")
     return {
         "workload": {"kinds": KINDS, "clients": clients, "tokens": TOKENS, "seed": seed, "server_flags": SERVER_FLAGS,
                      "plain_phase_requests": plain_count, "mixed_phase_requests": requests_total},
@@ -360,9 +360,9 @@ def soak(url: str, server: LaunchedServer | None, *, requests_total: int, client
         "scheduler_rss_bytes": {"control_phase": rss_control, "exploring_phase": rss},
         "rss_end_over_warmup": rss["end"] / rss["after_warmup"] if rss["end"] and rss["after_warmup"] else None,
         "rss_growth_bytes": {"control_phase": _growth(rss_control), "exploring_phase": _growth(rss)},
-        "server_before": {k: baseline[k] for k in counters},
-        "server_after_load": {k: after_load[k] for k in counters},
-        "server_after_ttl": {k: settled[k] for k in counters},
+        "server_before": {k: baseline.get(k) for k in counters},
+        "server_after_load": {k: after_load.get(k) for k in counters},
+        "server_after_ttl": {k: settled.get(k) for k in counters},
         "plain_request_after": plain_after.result,
     }
 

@@ -7,6 +7,7 @@ requests (``pin``) are never evicted.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -76,6 +77,13 @@ class SlotTable:
         for k in stale:
             self.drop(k)
         return freed
+
+    def digest(self) -> str:
+        """The table's choices — each group's slot and pins, in LRU order, and the free slots in
+        the order they will be handed out — as a short digest: equal on tensor-parallel ranks
+        whose tables agree (their clocks, last_used, are left out)."""
+        state = [(key, e.slot, e.pins) for key, e in self._entries.items()], self._free
+        return hashlib.sha256(repr(state).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
     def _take_slot(self) -> int:
         if self._free:

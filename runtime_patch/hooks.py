@@ -412,7 +412,8 @@ def report_state(result: Any, *args: Any, **kwargs: Any) -> None:
     Every tensor-parallel rank of the scheduler runs this for the same request (SGLang
     broadcasts requests from TP rank 0), so per-rank figures are gathered here, entry i being
     TP rank i's: ``distiller_checksums`` (of the groups the rank holds), ``training_steps_per_rank``
-    and ``hook_errors_per_rank`` (an error in one rank's share of a step is counted there alone)."""
+    and ``hook_errors_per_rank`` (an error in one rank's share of a step is counted there alone);
+    and ``slot_tables_agree``, whether every rank's slot table made the same choices."""
     from sglang.srt.distributed.parallel_state import get_tp_group
     from runtime_patch.plugin import scheduler_hooks_applied
 
@@ -427,4 +428,5 @@ def report_state(result: Any, *args: Any, **kwargs: Any) -> None:
         entry["distiller_checksums"] = gather(checksum)
         entry["training_steps_per_rank"] = gather(_state.bank.train_steps)
         entry["hook_errors_per_rank"] = gather(_state.counters.hook_errors)
+        entry["slot_tables_agree"] = len(set(gather(_state.slots.digest()))) == 1  # sharded groups need it
     result.internal_state["esamp"] = entry

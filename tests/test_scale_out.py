@@ -103,6 +103,7 @@ def test_tp_ranks_share_the_groups_out(servers):
     assert len(stats["training_steps_per_rank"]) == 2 and min(stats["training_steps_per_rank"]) > 0
     checksums = stats["distiller_checksums"]
     assert len(checksums) == 2 and checksums[0] != checksums[1]  # different groups' weights
+    assert stats["slot_tables_agree"]
 
 
 def test_a_fault_on_one_tp_rank_serves_its_groups_rows_unmixed_on_every_rank(servers):

@@ -14,6 +14,7 @@ from esamp_sgl.distiller import DistillerBank, RowGroups
 from esamp_sgl.graph_rows import GraphRows
 from esamp_sgl.latent_step import distill_and_mix_sharded, distill_and_mix_torch
 from esamp_sgl.shard import GroupShard
+from esamp_sgl.slots import SlotTable
 
 D, SLOTS, TP = 24, 5, 2
 CPU = torch.device("cpu")
@@ -116,3 +117,17 @@ def test_training_touches_only_the_groups_a_rank_holds():
         bank.train_step(x, h, local)
         changed = sorted(s for s in range(bank.num_slots) if not torch.equal(bank.params[0][s], before[0][s]))
         assert changed == sorted(s for s in local if s >= 0)
+
+
+def test_slot_table_digests_tell_whether_ranks_made_the_same_choices():
+    clocks = [[0.0], [0.0]]
+    tables = [SlotTable(3, ttl=5.0, clock=lambda c=c: c[0]) for c in clocks]
+    for table in tables:
+        for group in ("a", "b"):
+            table.acquire(group)
+            table.release(group)
+    assert tables[0].digest() == tables[1].digest()
+    clocks[0][0] = 10.0  # rank 0's clock says the TTL ran out, rank 1's does not yet
+    for table in tables:
+        table.acquire("c")
+    assert tables[0].digest() != tables[1].digest()
