@@ -31,14 +31,19 @@ def distill_and_mix_torch(params: Params, x: torch.Tensor, h: torch.Tensor, slot
     the post-filter's contrast) steer by ĥ₀ − ĥ_group alone; novelty stays the group
     distiller's own error.
     """
+    return mix_prediction(x, h, predict(params, x, h, slot, groups), beta, variant, start)
+
+
+def predict(params: Params, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor,
+            groups: RowGroups | None = None) -> torch.Tensor:
+    """The distillers' ĥ [N, d] fp32, before the mix: as distill_and_mix_torch describes
+    (``groups`` or not), whatever the rows' β."""
     if groups is None:
-        h_hat = distiller_forward(params, x.to(torch.float32), slot.clamp_min(0))
-    else:
-        grouped = distiller_forward_grouped(tuple(p.index_select(0, groups.live) for p in params),
-                                            x.to(torch.float32), groups)
-        padded = torch.cat([h.to(torch.float32), h.new_zeros(1, h.shape[1], dtype=torch.float32)])
-        h_hat = padded.index_copy(0, groups.index.flatten(), grouped.flatten(0, 1))[:-1]
-    return mix_prediction(x, h, h_hat, beta, variant, start)
+        return distiller_forward(params, x.to(torch.float32), slot.clamp_min(0))
+    grouped = distiller_forward_grouped(tuple(p.index_select(0, groups.live) for p in params),
+                                        x.to(torch.float32), groups)
+    padded = torch.cat([h.to(torch.float32), h.new_zeros(1, h.shape[1], dtype=torch.float32)])
+    return padded.index_copy(0, groups.index.flatten(), grouped.flatten(0, 1))[:-1]
 
 
 def mix_prediction(x: torch.Tensor, h: torch.Tensor, h_hat: torch.Tensor, beta: torch.Tensor,
@@ -83,7 +88,12 @@ def distill_and_mix_sharded(params: Params, x: torch.Tensor, h: torch.Tensor, sl
     groups. A row whose summed ĥ is not finite is served unmixed (β = 0) on every rank alike —
     which also covers a prediction that is itself NaN."""
     try:
-        _, own, _ = distill_and_mix(params, x, h, slot, torch.where(held, beta, 0.0), "plain", groups)
+        if h.is_cuda:  # the fused kernel skips rows with β = 0: here those of other ranks' groups
+            from esamp_sgl.kernels.distill_mix import distill_mix_triton
+
+            _, own, _ = distill_mix_triton(params, x, h, slot, torch.where(held, beta, 0.0))
+        else:  # the prediction alone: the mix comes after the sum
+            own = predict(params, x, h, slot, groups)
         part = torch.where(held.unsqueeze(-1), own, 0.0)
     except Exception as error:
         if on_error is None:

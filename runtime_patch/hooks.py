@@ -423,10 +423,12 @@ def report_state(result: Any, *args: Any, **kwargs: Any) -> None:
         _state.agree_on_time()  # every TP rank is here for this request: the TTLs run out alike
         entry.update(_state.report())
         entry["dp_rank"] = _state.dp_rank
-        checksum, tp = _state.bank.checksum(), get_tp_group()
-        gather = tp.all_gather_object if tp.world_size > 1 else (lambda value: [value])
-        entry["distiller_checksums"] = gather(checksum)
-        entry["training_steps_per_rank"] = gather(_state.bank.train_steps)
-        entry["hook_errors_per_rank"] = gather(_state.counters.hook_errors)
-        entry["slot_tables_agree"] = len(set(gather(_state.slots.digest()))) == 1  # sharded groups need it
+        tp = get_tp_group()
+        mine = (_state.bank.checksum(), _state.bank.train_steps, _state.counters.hook_errors, _state.slots.digest())
+        ranks = tp.all_gather_object(mine) if tp.world_size > 1 else [mine]  # one collective for all four
+        checksums, training_steps, hook_errors, slot_tables = zip(*ranks)
+        entry["distiller_checksums"] = list(checksums)
+        entry["training_steps_per_rank"] = list(training_steps)
+        entry["hook_errors_per_rank"] = list(hook_errors)
+        entry["slot_tables_agree"] = len(set(slot_tables)) == 1  # sharded groups need it
     result.internal_state["esamp"] = entry
