@@ -12,8 +12,8 @@ reproducible and tensor-parallel ranks apply identical updates.
   forward reads a published copy at fixed addresses (CUDA-graph safe). Before step t, the
   main stream waits for job t−1−k and publishes the slots it trained; job j starts only after
   the publish of step j+k, so it can never leak into an earlier step's weights. Written for
-  CUDA; on these machines only its CPU twin runs (tests/gpu_checks.py holds it to the CPU
-  twin's predictions on a GPU).
+  CUDA: tests/gpu_checks.py holds it to the CPU twin's predictions on a GPU, and
+  tests/test_stream_sim.py checks its stream ordering on CPU against a model of CUDA streams.
 """
 
 from __future__ import annotations

@@ -1,0 +1,260 @@
+"""CUDA's stream ordering, modelled on CPU: a happens-before race detector for stream code.
+
+The side-stream lane (esamp_sgl/lane.py) is only correct if every tensor one stream reads was
+written by an op ordered before it — by program order on one stream, ``wait_event`` /
+``wait_stream``, or a host synchronize — and if no block is freed (and so reusable at once by
+its allocation stream) while another stream may still use it, unless ``record_stream`` told the
+caching allocator so. A GPU shows a violation only as a rare wrong number. This module runs the
+same code on CPU with ``torch.cuda``'s stream API replaced by a model of it, and records every
+op's reads and writes per stream (a TorchDispatchMode, using each op's schema for what it
+mutates) against vector clocks, as PyTorch's CUDA sanitizer does on a GPU. Ops execute eagerly;
+what it reports is an ordering that CUDA would not guarantee.
+
+Modelled: streams and their program order, events (record / wait; waiting on an event never
+recorded is a no-op, as in CUDA), ``wait_stream``, ``torch.cuda.synchronize`` / stream and event
+``synchronize``, the caching allocator's rule for frees (a freed block is reused by its
+allocation stream without waiting for other streams, except those passed to ``record_stream``).
+Every tensor is a CPU tensor here, so device memory is told from host memory by where it comes
+from: what factory ops make, what ops on device memory make, and ``esamp_sgl.transfer.to_device``'s
+copies (made on the current stream) are device memory; tensors made from Python data
+(``torch.tensor``) and what ops on host memory alone make are host memory, which no stream runs
+on. Not modelled: host syncs, graphs, kernel timing; code that branches on ``device.type`` takes
+its CPU branch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import sys
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from esamp_sgl import transfer
+
+Clock = dict[int, int]  # stream id -> ops of that stream known to have completed
+
+
+def _merge(into: Clock, other: Clock) -> None:
+    for stream, count in other.items():
+        into[stream] = max(into.get(stream, 0), count)
+
+
+class SimStream:
+    """A CUDA stream as far as ordering goes: its clock says which ops (of every stream) are
+    ordered before its next op."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, sim: StreamSim, name: str) -> None:
+        self.sim, self.id, self.name = sim, next(self._ids), name
+        self.clock: Clock = dict(sim.host_clock)
+        self.clock[self.id] = 0
+
+    def tick(self) -> int:
+        self.clock[self.id] += 1
+        return self.clock[self.id]
+
+    def ordered_before_next(self, stream: int, op: int) -> bool:
+        return self.clock.get(stream, 0) >= op
+
+    def wait_event(self, event: SimEvent) -> None:
+        if event.clock is not None:
+            _merge(self.clock, event.clock)
+
+    def wait_stream(self, other: SimStream) -> None:
+        _merge(self.clock, other.clock)
+
+    def record_event(self, event: SimEvent | None = None) -> SimEvent:
+        event = event or SimEvent()
+        event.record(self)
+        return event
+
+    def synchronize(self) -> None:
+        _merge(self.sim.host_clock, self.clock)
+        self.sim.order_after_host()
+
+    def query(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return f"<stream {self.name}>"
+
+
+class SimEvent:
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False) -> None:
+        self.clock: Clock | None = None
+
+    def record(self, stream: SimStream | None = None) -> None:
+        stream = stream or StreamSim.active.current
+        self.clock = dict(stream.clock)
+
+    def wait(self, stream: SimStream | None = None) -> None:
+        (stream or StreamSim.active.current).wait_event(self)
+
+    def synchronize(self) -> None:
+        if self.clock is not None:
+            _merge(StreamSim.active.host_clock, self.clock)
+            StreamSim.active.order_after_host()
+
+    def query(self) -> bool:
+        return True
+
+
+@dataclass
+class _Accesses:
+    """What the streams did to one storage since it was allocated."""
+
+    allocated_on: SimStream
+    allocated_by: str
+    write: tuple[int, int, str] | None = None  # (stream id, its op number, op name)
+    reads: dict[int, tuple[int, str]] = field(default_factory=dict)  # latest read per stream
+    recorded: set[int] = field(default_factory=set)  # streams passed to record_stream
+
+
+class StreamSim(TorchDispatchMode):
+    """Use as ``with StreamSim(monkeypatch) as sim:``; afterwards ``sim.races`` lists each
+    access CUDA would not have ordered (empty: none)."""
+
+    active: StreamSim | None = None
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, honour_record_stream: bool = True) -> None:
+        super().__init__()
+        self.host_clock: Clock = {}
+        self.streams: list[SimStream] = []
+        self.default = self.new_stream("default")
+        self.current = self.default
+        self.races: list[str] = []
+        self._accesses: dict[int, _Accesses] = {}
+        self._finalizers: list[weakref.finalize] = []
+        self._honour_record_stream = honour_record_stream
+        self._patch(monkeypatch)
+
+    def new_stream(self, name: str | None = None) -> SimStream:
+        stream = SimStream(self, name or f"s{len(self.streams)}")
+        self.streams.append(stream)
+        return stream
+
+    def order_after_host(self) -> None:
+        """After a host synchronize every stream's next op follows what the host waited for."""
+        for stream in self.streams:
+            _merge(stream.clock, self.host_clock)
+
+    @contextlib.contextmanager
+    def on(self, stream: SimStream) -> Iterator[SimStream]:
+        previous, self.current = self.current, stream
+        try:
+            yield stream
+        finally:
+            self.current = previous
+
+    def synchronize(self, device: Any = None) -> None:
+        for stream in self.streams:
+            _merge(self.host_clock, stream.clock)
+        self.order_after_host()
+
+    def record_stream(self, tensor: torch.Tensor, stream: SimStream) -> None:
+        entry = self._accesses.get(id(tensor.untyped_storage()))
+        if entry is not None and self._honour_record_stream:
+            entry.recorded.add(stream.id)
+
+    def to_device(self, values: Any, dtype: torch.dtype, device: Any = None) -> torch.Tensor:
+        """esamp_sgl.transfer.to_device: a host-to-device copy queued on the current stream."""
+        copy = torch.as_tensor(values, dtype=dtype).clone()
+        self._register(copy, self.current, self.current.tick(), "a host-to-device copy")
+        return copy
+
+    def _patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        sim = self
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, priority=0: sim.new_stream())
+        monkeypatch.setattr(torch.cuda, "Event", SimEvent)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: sim.current)
+        monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: sim.default)
+        monkeypatch.setattr(torch.cuda, "stream", sim.on)
+        monkeypatch.setattr(torch.cuda, "synchronize", sim.synchronize)
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: sim.record_stream(tensor, stream))
+        original = transfer.to_device
+        for module in list(sys.modules.values()):  # transfer and every module that imported to_device
+            if vars(module).get("to_device") is original:
+                monkeypatch.setattr(module, "to_device", sim.to_device)
+
+    def __enter__(self) -> StreamSim:
+        StreamSim.active = self
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        StreamSim.active = None
+        for finalizer in self._finalizers:  # storages that outlive the model no longer report to it
+            finalizer.detach()
+
+    # --- the accesses ---------------------------------------------------------------------------
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        schema = func._schema
+        values = {a.name: v for a, v in zip(schema.arguments, args)} | kwargs
+        inputs = [(argument, tensor) for argument in schema.arguments for tensor in _tensors(values.get(argument.name))]
+        tracked = [(argument, t) for argument, t in inputs if id(t.untyped_storage()) in self._accesses]
+        mutates = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        if inputs and not tracked or all(r.alias_info is not None for r in schema.returns) and not mutates:
+            return out  # a host op (its results are host memory too), or a view: no kernel runs
+        stream, name = self.current, str(func)
+        op = stream.tick()
+        for argument, tensor in tracked:
+            self._access(tensor, stream, op, name, write=argument.alias_info is not None and argument.alias_info.is_write)
+        if any(r.alias_info is None for r in schema.returns):
+            for tensor in _tensors(out):  # fresh storages: allocated (and written) on this stream
+                if id(tensor.untyped_storage()) not in self._accesses:
+                    self._register(tensor, stream, op, f"{name} {tuple(tensor.shape)}")
+        return out
+
+    def _register(self, tensor: torch.Tensor, stream: SimStream, op: int, made_by: str) -> None:
+        """Device memory from here on: allocated on ``stream`` and written by its op ``op``."""
+        storage = tensor.untyped_storage()
+        self._accesses[id(storage)] = _Accesses(stream, made_by, write=(stream.id, op, made_by))
+        self._finalizers.append(weakref.finalize(storage, self._freed, id(storage)))
+
+    def _access(self, tensor: torch.Tensor, stream: SimStream, op: int, name: str, write: bool) -> None:
+        entry = self._accesses[id(tensor.untyped_storage())]
+        where = f"{name} on {stream} (tensor {tuple(tensor.shape)})"
+        if entry.write is not None:
+            by, at, what = entry.write
+            if by != stream.id and not stream.ordered_before_next(by, at):
+                self.races.append(f"{where} {'overwrites' if write else 'reads'} what {what} on "
+                                  f"{self._name(by)} wrote, without waiting for it")
+        if write:
+            for by, (at, what) in entry.reads.items():
+                if by != stream.id and not stream.ordered_before_next(by, at):
+                    self.races.append(f"{where} overwrites what {what} on {self._name(by)} may still be reading")
+            entry.write, entry.reads = (stream.id, op, name), {}
+        else:
+            entry.reads[stream.id] = (op, name)
+
+    def _freed(self, key: int) -> None:
+        """The caching allocator may hand the block to its allocation stream's next op at once."""
+        entry = self._accesses.pop(key, None)
+        if entry is None:
+            return
+        owner = entry.allocated_on
+        users = [(entry.write[0], entry.write[1], entry.write[2])] if entry.write else []
+        users += [(by, at, what) for by, (at, what) in entry.reads.items()]
+        for by, at, what in users:
+            if by != owner.id and by not in entry.recorded and not owner.ordered_before_next(by, at):
+                self.races.append(f"the block of {entry.allocated_by} on {owner} was freed while {what} on {self._name(by)} "
+                                  "may still use it (no record_stream, no wait)")
+
+    def _name(self, stream_id: int) -> str:
+        return next((repr(s) for s in self.streams if s.id == stream_id), f"<stream {stream_id}>")
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]

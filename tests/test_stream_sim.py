@@ -1,0 +1,129 @@
+"""The side-stream lane's ordering, checked on CPU against a model of CUDA streams
+(tests/stream_sim.py): the GPU check of the lane (tests/gpu_checks.py) runs here with every
+cross-stream access checked, and the model is shown to catch the two defects that check guards
+against — ordering on a stream remembered at build time instead of the forward's, and job inputs
+without ``record_stream``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from esamp_sgl.lane import CudaStreamLane
+from tests import gpu_checks
+from tests.stream_sim import StreamSim
+
+
+@pytest.fixture
+def sim(monkeypatch):
+    with StreamSim(monkeypatch) as sim:
+        yield sim
+
+
+def test_a_read_on_another_stream_needs_a_wait(sim):
+    producer, consumer = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(producer):
+        written = torch.ones(4)
+    with torch.cuda.stream(consumer):
+        written.sum()
+    assert len(sim.races) == 1 and "without waiting" in sim.races[0]
+
+    producer.wait_stream(consumer)
+    with torch.cuda.stream(producer):
+        written.add_(1)
+        done = torch.cuda.Event()
+        done.record()
+    with torch.cuda.stream(consumer):
+        consumer.wait_event(done)
+        written.sum()
+    with torch.cuda.stream(producer):
+        written.mul_(2)  # overwrites what consumer may still be reading
+    assert len(sim.races) == 2 and "may still be reading" in sim.races[1]
+
+    producer.wait_stream(consumer)
+    with torch.cuda.stream(producer):
+        written.mul_(2)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(consumer):
+        written.sum()
+    assert len(sim.races) == 2
+
+
+def test_waiting_on_an_event_never_recorded_orders_nothing(sim):
+    producer, consumer = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(producer):
+        written = torch.ones(4)
+    consumer.wait_event(torch.cuda.Event())
+    with torch.cuda.stream(consumer):
+        written.sum()
+    assert len(sim.races) == 1
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_a_block_freed_while_another_stream_reads_it(sim, recorded):
+    side = torch.cuda.Stream()
+    scratch = torch.ones(4)  # allocated on the default stream
+    if recorded:
+        scratch.record_stream(side)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        scratch.sum()
+    del scratch  # the default stream may reuse the block at once
+    assert len(sim.races) == (0 if recorded else 1)
+    assert recorded or "freed" in sim.races[0]
+
+
+def test_host_memory_is_not_tracked_and_to_device_copies_on_the_current_stream(sim):
+    from esamp_sgl import lane  # a module that copies to the device with esamp_sgl.transfer.to_device
+
+    side = torch.cuda.Stream()
+    slots = torch.tensor([0, 1, 2])  # host memory, and so is what host ops make of it
+    with torch.cuda.stream(side):
+        live = slots[slots >= 0].unique()
+        on_device = lane.to_device(live, torch.int64, torch.device("cpu"))
+    del slots, live
+    assert sim.races == []
+    on_device.sum()  # the default stream has not waited for the side stream's copy
+    assert len(sim.races) == 1 and "host-to-device copy" in sim.races[0]
+
+
+def _lane_check(sim, monkeypatch, staleness: int) -> None:
+    """tests/gpu_checks.py's lane check, on CPU."""
+    monkeypatch.setattr(gpu_checks, "CUDA", torch.device("cpu"))
+    gpu_checks.check_lane_on_a_forward_stream(staleness)
+
+
+@pytest.mark.parametrize("staleness", [0, 1, 3])
+def test_the_lane_orders_every_access_against_the_forward_stream(sim, monkeypatch, staleness):
+    _lane_check(sim, monkeypatch, staleness)
+    assert sim.races == []
+    assert len(sim.streams) == 3  # default, the forward's, the lane's side stream
+
+
+def test_a_lane_ordering_against_the_default_stream_races_the_forward(sim, monkeypatch):
+    monkeypatch.setattr(CudaStreamLane, "_main", lambda lane: torch.cuda.default_stream())
+    _lane_check(sim, monkeypatch, 1)  # ops run eagerly here: its weights come out right, its order does not
+    assert any("without waiting" in race for race in sim.races)
+
+
+@pytest.mark.parametrize("form", ["eager", "graph"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["", "tp"])
+def test_a_decode_step_on_a_forward_stream_with_the_side_stream_lane(sim, monkeypatch, form, sharded):
+    """tests/gpu_checks.py's decode step (post-filter, bf16) through ESamp's scheduler state, its
+    training on the side-stream lane, the forward on a stream of its own."""
+    from runtime_patch import scheduler_state
+
+    monkeypatch.setattr(scheduler_state, "DeferredLane", CudaStreamLane)  # the lane it takes on CUDA
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)  # no host syncs to see here
+    monkeypatch.setattr(gpu_checks, "CUDA", torch.device("cpu"))
+    with torch.cuda.stream(torch.cuda.Stream()):
+        gpu_checks.check_decode_step_makes_no_host_sync(form, sharded)
+    assert sim.races == []
+    side = sim.streams[-1]
+    assert side.clock[side.id] > 100  # the steps' training ran there
+
+
+def test_job_inputs_without_record_stream_are_freed_under_the_side_stream(monkeypatch):
+    with StreamSim(monkeypatch, honour_record_stream=False) as sim:
+        _lane_check(sim, monkeypatch, 1)
+    assert any("freed" in race for race in sim.races), sim.races[:3]
