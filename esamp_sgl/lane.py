@@ -96,6 +96,10 @@ class DeferredLane:
         """Queued jobs not yet applied."""
         return len(self._queue)
 
+    def resets(self) -> int:
+        """Distiller slots reset so far for non-finite weights (a host read, for reports)."""
+        return int(self.bank.reset_count)
+
     def _apply_through(self, last: int) -> None:
         while self._queue and self._queue[0].step <= last:
             job = self._queue.popleft()
@@ -119,10 +123,19 @@ class CudaStreamLane(DeferredLane):
         self.published = tuple(p.clone() for p in bank.params)
         self._trained: dict[int, tuple[torch.cuda.Event, torch.Tensor]] = {}
         self._published_events: dict[int, torch.cuda.Event] = {}
+        # The bank and these copies were written on the stream current now (SGLang builds the
+        # worker on the default stream); the forward's stream and the side stream use them.
+        torch.cuda.synchronize(bank.device)
 
     @property
     def forward_params(self) -> tuple[torch.Tensor, ...]:
         return self.published
+
+    def resets(self) -> int:
+        """Read on the side stream, where training counts them: the host waits for the jobs
+        queued so far, the forward's stream for nothing."""
+        with torch.cuda.stream(self.side):
+            return int(self.bank.reset_count)
 
     def _main(self) -> torch.cuda.Stream:
         return torch.cuda.current_stream(self.bank.device)

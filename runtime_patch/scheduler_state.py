@@ -283,7 +283,7 @@ class SchedulerState:
         )
 
     def end_batch(self) -> None:
-        # Every 16 mixing steps: reading the device-side reset counter is a host sync on GPU.
+        # Every 16 mixing steps: on GPU, reading the reset counter waits for the training queued.
         if self.metrics is not None and self.current is not None and self.counters.steps % 16 == 1:
             self.metrics.publish(self.report())
         self.current = None
@@ -595,7 +595,7 @@ class SchedulerState:
             "bank_slots": self.bank.num_slots,  # this rank's: ⌈slots_max / TP size⌉ (esamp_sgl/shard.py)
             "max_beta": self.cfg.max_beta,
             "training_steps": self.bank.train_steps,
-            "distiller_resets": int(self.bank.reset_count),
+            "distiller_resets": self.lane.resets(),
             "lane_lag": self.lane.lag,
             "mixed_tokens": self.counters.mixed_tokens,
             "graph_steps": self.counters.graph_steps,

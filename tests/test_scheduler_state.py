@@ -1,6 +1,7 @@
 """ESamp's scheduler state against real SGLang request objects and a real (Hugging Face) tiny
 model, without a server: what a server on these CPUs cannot reach — a decode batch larger than
-the largest captured decode graph."""
+the largest captured decode graph, and the streams of SGLang's overlap scheduler on a GPU (in the
+model of CUDA streams of tests/stream_sim.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from sglang.srt.sampling.sampling_params import SamplingParams
 from transformers import LlamaForCausalLM
 
 from esamp_sgl.config import ESampConfig
+from esamp_sgl.lane import CudaStreamLane
 from esamp_sgl.shard import GroupShard
+from runtime_patch import scheduler_state
 from runtime_patch.scheduler_state import SchedulerState
+from tests.stream_sim import StreamSim
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +66,48 @@ def test_tp_ranks_slot_tables_expire_groups_on_the_agreed_clock(tiny_model_path)
     state.begin_batch([_request("c", 1.0, "gc")])  # at 200: ga and gb are 99.5+ s past their last use
     assert len(state.slots) == 1 and "gc" in state.slots
     assert state.current.bank_slot == GroupShard(1, 2).local_slots(state.current.slot)
+
+
+@torch.no_grad()
+def test_a_groups_life_under_the_overlap_schedulers_streams(tiny_model_path, monkeypatch):
+    """SGLang 0.5.23's overlap scheduler on a GPU: the worker (and ESamp's state) built on the
+    default stream; the loop — releasing finished requests, /server_info — on the schedule stream;
+    each forward — ESamp's begin_batch, prompt warm-up, mix, end_batch — on the model runner's
+    forward stream after ``forward_stream.wait_stream(schedule_stream)``; training on the lane's
+    side stream. One slot: the second group takes the first one's (reset_slots) while the first
+    one's training may still be queued. The bank takes its CUDA branches (resets counted on the
+    device). Every access must be ordered as CUDA would order it."""
+    model = LlamaForCausalLM.from_pretrained(str(tiny_model_path)).eval()
+    monkeypatch.setattr(scheduler_state, "DeferredLane", CudaStreamLane)  # the lane it takes on CUDA
+    with StreamSim(monkeypatch) as sim:
+        state = SchedulerState(ESampConfig(init="random", max_groups=1, warmup_steps=2, staleness=1), model,
+                               torch.device("cpu"), str(tiny_model_path))
+        state.bank.device = torch.device("cuda")
+        schedule, forward = torch.cuda.Stream(), torch.cuda.Stream()
+
+        def run_forward(reqs: list[Req], prompt_len: int) -> None:
+            forward.wait_stream(schedule)
+            with torch.cuda.stream(forward):
+                state.begin_batch(reqs)
+                tokens = len(reqs) * prompt_len
+                ids, hidden = torch.randint(0, 100, (tokens,)), torch.randn(tokens, state.bank.d)
+                if prompt_len > 1:
+                    state.warm_up(ids, hidden, None, [prompt_len] * len(reqs))
+                state.mix(ids, hidden, None, torch.arange(prompt_len - 1, tokens, prompt_len))
+                state.end_batch()
+
+        with torch.cuda.stream(schedule):
+            for group in ("ga", "gb"):
+                reqs = [_request(f"{group}{i}", 1.0, group) for i in range(2)]
+                run_forward(reqs, prompt_len=3)
+                for step in range(4):
+                    run_forward(reqs, prompt_len=1)
+                    for req in reqs:
+                        req.output_ids.append(1)
+                    if step == 2:
+                        state.report()  # /server_info while the group decodes
+                for req in reqs:
+                    state.release(req.rid, len(req.output_ids))
+            report = state.report()
+    assert sim.races == []
+    assert report["groups_created"] == 2 and report["training_steps"] >= 8 and report["warmed_up_tokens"] > 0
