@@ -18,8 +18,14 @@ Every tensor is a CPU tensor here, so device memory is told from host memory by 
 from: what factory ops make, what ops on device memory make, and ``esamp_sgl.transfer.to_device``'s
 copies (made on the current stream) are device memory; tensors made from Python data
 (``torch.tensor``) and what ops on host memory alone make are host memory, which no stream runs
-on. Not modelled: host syncs, graphs, kernel timing; code that branches on ``device.type`` takes
-its CPU branch.
+on.
+
+Host syncs, as far as ops show them: inside ``torch.cuda.set_sync_debug_mode("error")`` (what
+the GPU checks put around a decode step) ``sim.syncs`` lists each op that reads device memory
+back to the host (``.item()``, ``nonzero``, boolean-mask indexing, ``unique``) and each device op
+fed host memory other than by a non-blocking copy (a pageable host-to-device copy). Not seen:
+``tolist()`` and ``.to(device)`` (no ops on CPU), graphs, kernel timing; code that branches on
+``device.type`` takes its CPU branch.
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ from torch.utils._pytree import tree_leaves
 from esamp_sgl import transfer
 
 Clock = dict[int, int]  # stream id -> ops of that stream known to have completed
+
+# Ops whose result the host must wait for when they read device memory.
+HOST_READS = frozenset({"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
+                        "aten._unique2.default", "aten.unique_consecutive.default", "aten.unique_dim.default",
+                        "aten.repeat_interleave.Tensor"})
 
 
 def _merge(into: Clock, other: Clock) -> None:
@@ -132,6 +143,8 @@ class StreamSim(TorchDispatchMode):
         self.default = self.new_stream("default")
         self.current = self.default
         self.races: list[str] = []
+        self.syncs: list[str] = []
+        self._catch_syncs = False
         self._accesses: dict[int, _Accesses] = {}
         self._finalizers: list[weakref.finalize] = []
         self._honour_record_stream = honour_record_stream
@@ -171,6 +184,9 @@ class StreamSim(TorchDispatchMode):
         self._register(copy, self.current, self.current.tick(), "a host-to-device copy")
         return copy
 
+    def set_sync_debug_mode(self, mode: int | str) -> None:
+        self._catch_syncs = mode in (2, "error")
+
     def _patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
         sim = self
         monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, priority=0: sim.new_stream())
@@ -179,6 +195,7 @@ class StreamSim(TorchDispatchMode):
         monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: sim.default)
         monkeypatch.setattr(torch.cuda, "stream", sim.on)
         monkeypatch.setattr(torch.cuda, "synchronize", sim.synchronize)
+        monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", sim.set_sync_debug_mode)
         monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: sim.record_stream(tensor, stream))
         original = transfer.to_device
         for module in list(sys.modules.values()):  # transfer and every module that imported to_device
@@ -205,6 +222,8 @@ class StreamSim(TorchDispatchMode):
         inputs = [(argument, tensor) for argument in schema.arguments for tensor in _tensors(values.get(argument.name))]
         tracked = [(argument, t) for argument, t in inputs if id(t.untyped_storage()) in self._accesses]
         mutates = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        if self._catch_syncs and tracked:
+            self._check_sync(func, [t for _, t in inputs], [t for _, t in tracked], values)
         if inputs and not tracked or all(r.alias_info is not None for r in schema.returns) and not mutates:
             return out  # a host op (its results are host memory too), or a view: no kernel runs
         stream, name = self.current, str(func)
@@ -216,6 +235,17 @@ class StreamSim(TorchDispatchMode):
                 if id(tensor.untyped_storage()) not in self._accesses:
                     self._register(tensor, stream, op, f"{name} {tuple(tensor.shape)}")
         return out
+
+    def _check_sync(self, func: Any, inputs: list[torch.Tensor], on_device: list[torch.Tensor], values: dict) -> None:
+        name = str(func)
+        mask_index = name.startswith(("aten.index.", "aten.index_put")) and any(
+            t.dtype == torch.bool for t in _tensors(values.get("indices")))
+        if name in HOST_READS or mask_index:
+            self.syncs.append(f"{name} reads device memory {tuple(on_device[0].shape)} back to the host")
+        device_ids = {id(t) for t in on_device}
+        host = [t for t in inputs if id(t) not in device_ids and t.dim() > 0]
+        if host and not (name == "aten.copy_.default" and values.get("non_blocking")):
+            self.syncs.append(f"{name} takes host memory {tuple(host[0].shape)} (a pageable host-to-device copy)")
 
     def _register(self, tensor: torch.Tensor, stream: SimStream, op: int, made_by: str) -> None:
         """Device memory from here on: allocated on ``stream`` and written by its op ``op``."""

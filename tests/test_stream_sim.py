@@ -87,6 +87,20 @@ def test_host_memory_is_not_tracked_and_to_device_copies_on_the_current_stream(s
     assert len(sim.races) == 1 and "host-to-device copy" in sim.races[0]
 
 
+def test_host_syncs_in_sync_debug_mode(sim):
+    on_device, host = torch.arange(4.0), torch.tensor([1.0, 2.0, 3.0, 4.0])
+    int(on_device.sum())  # outside the mode: allowed
+    torch.cuda.set_sync_debug_mode("error")
+    on_device.copy_(host, non_blocking=True)  # from pinned memory on CUDA: no sync
+    assert sim.syncs == []
+    int(on_device.sum())
+    on_device[on_device > 1]
+    on_device + host
+    torch.cuda.set_sync_debug_mode("default")
+    assert [s.split()[0] for s in sim.syncs] == ["aten._local_scalar_dense.default", "aten.index.Tensor",
+                                                 "aten.add.Tensor"]
+
+
 def _lane_check(sim, monkeypatch, staleness: int) -> None:
     """tests/gpu_checks.py's lane check, on CPU."""
     monkeypatch.setattr(gpu_checks, "CUDA", torch.device("cpu"))
@@ -114,11 +128,18 @@ def test_a_decode_step_on_a_forward_stream_with_the_side_stream_lane(sim, monkey
     from runtime_patch import scheduler_state
 
     monkeypatch.setattr(scheduler_state, "DeferredLane", CudaStreamLane)  # the lane it takes on CUDA
-    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)  # no host syncs to see here
     monkeypatch.setattr(gpu_checks, "CUDA", torch.device("cpu"))
+    build = gpu_checks._state
+
+    def state_whose_bank_takes_its_cuda_branches(*args, **kwargs):
+        state = build(*args, **kwargs)
+        state.bank.device = torch.device("cuda")  # resets counted on the device, without a sync
+        return state
+
+    monkeypatch.setattr(gpu_checks, "_state", state_whose_bank_takes_its_cuda_branches)
     with torch.cuda.stream(torch.cuda.Stream()):
         gpu_checks.check_decode_step_makes_no_host_sync(form, sharded)
-    assert sim.races == []
+    assert sim.races == [] and sim.syncs == []
     side = sim.streams[-1]
     assert side.clock[side.id] > 100  # the steps' training ran there
 
