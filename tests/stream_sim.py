@@ -34,7 +34,7 @@ import contextlib
 import itertools
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -288,3 +288,23 @@ class StreamSim(TorchDispatchMode):
 
 def _tensors(value: Any) -> list[torch.Tensor]:
     return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def on_cuda_branches(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], Any]:
+    """Make ESamp's scheduler state (runtime_patch.scheduler_state) take the branches it takes on
+    CUDA: the side-stream lane, no host-side row grouping, device-side reset counting. Returns
+    what turns a state built on the CPU into one that reports its device as CUDA (its own and
+    its bank's; their tensors stay CPU tensors, which the model treats as device memory)."""
+    from esamp_sgl.graph_rows import GraphRows
+    from esamp_sgl.lane import CudaStreamLane
+    from runtime_patch import scheduler_state
+
+    monkeypatch.setattr(scheduler_state, "DeferredLane", CudaStreamLane)
+    monkeypatch.setattr(scheduler_state, "GraphRows", lambda rows, d, device: GraphRows(rows, d, torch.device("cpu")))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+    def as_on_cuda(state: Any) -> Any:
+        state.device = state.bank.device = torch.device("cuda")
+        return state
+
+    return as_on_cuda

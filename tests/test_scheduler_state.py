@@ -14,11 +14,9 @@ from sglang.srt.sampling.sampling_params import SamplingParams
 from transformers import LlamaForCausalLM
 
 from esamp_sgl.config import ESampConfig
-from esamp_sgl.lane import CudaStreamLane
 from esamp_sgl.shard import GroupShard
-from runtime_patch import scheduler_state
 from runtime_patch.scheduler_state import SchedulerState
-from tests.stream_sim import StreamSim
+from tests.stream_sim import StreamSim, on_cuda_branches
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +73,13 @@ def test_a_groups_life_under_the_overlap_schedulers_streams(tiny_model_path, mon
     each forward — ESamp's begin_batch, prompt warm-up, mix, end_batch — on the model runner's
     forward stream after ``forward_stream.wait_stream(schedule_stream)``; training on the lane's
     side stream. One slot: the second group takes the first one's (reset_slots) while the first
-    one's training may still be queued. The bank takes its CUDA branches (resets counted on the
-    device). Every access must be ordered as CUDA would order it."""
+    one's training may still be queued. The state takes its CUDA branches. Every access must be
+    ordered as CUDA would order it."""
     model = LlamaForCausalLM.from_pretrained(str(tiny_model_path)).eval()
-    monkeypatch.setattr(scheduler_state, "DeferredLane", CudaStreamLane)  # the lane it takes on CUDA
+    as_on_cuda = on_cuda_branches(monkeypatch)
     with StreamSim(monkeypatch) as sim:
-        state = SchedulerState(ESampConfig(init="random", max_groups=1, warmup_steps=2, staleness=1), model,
-                               torch.device("cpu"), str(tiny_model_path))
-        state.bank.device = torch.device("cuda")
+        state = as_on_cuda(SchedulerState(ESampConfig(init="random", max_groups=1, warmup_steps=2, staleness=1),
+                                          model, torch.device("cpu"), str(tiny_model_path)))
         schedule, forward = torch.cuda.Stream(), torch.cuda.Stream()
 
         def run_forward(reqs: list[Req], prompt_len: int) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from esamp_sgl.lane import CudaStreamLane
 from tests import gpu_checks
-from tests.stream_sim import StreamSim
+from tests.stream_sim import StreamSim, on_cuda_branches
 
 
 @pytest.fixture
@@ -123,20 +123,11 @@ def test_a_lane_ordering_against_the_default_stream_races_the_forward(sim, monke
 @pytest.mark.parametrize("form", ["eager", "graph"])
 @pytest.mark.parametrize("sharded", [False, True], ids=["", "tp"])
 def test_a_decode_step_on_a_forward_stream_with_the_side_stream_lane(sim, monkeypatch, form, sharded):
-    """tests/gpu_checks.py's decode step (post-filter, bf16) through ESamp's scheduler state, its
-    training on the side-stream lane, the forward on a stream of its own."""
-    from runtime_patch import scheduler_state
-
-    monkeypatch.setattr(scheduler_state, "DeferredLane", CudaStreamLane)  # the lane it takes on CUDA
+    """tests/gpu_checks.py's decode step (post-filter, bf16) through ESamp's scheduler state on its
+    CUDA branches, training on the side-stream lane, the forward on a stream of its own."""
+    as_on_cuda, build = on_cuda_branches(monkeypatch), gpu_checks._state
+    monkeypatch.setattr(gpu_checks, "_state", lambda *args, **kwargs: as_on_cuda(build(*args, **kwargs)))
     monkeypatch.setattr(gpu_checks, "CUDA", torch.device("cpu"))
-    build = gpu_checks._state
-
-    def state_whose_bank_takes_its_cuda_branches(*args, **kwargs):
-        state = build(*args, **kwargs)
-        state.bank.device = torch.device("cuda")  # resets counted on the device, without a sync
-        return state
-
-    monkeypatch.setattr(gpu_checks, "_state", state_whose_bank_takes_its_cuda_branches)
     with torch.cuda.stream(torch.cuda.Stream()):
         gpu_checks.check_decode_step_makes_no_host_sync(form, sharded)
     assert sim.races == [] and sim.syncs == []
