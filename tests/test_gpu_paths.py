@@ -1,5 +1,7 @@
 """The GPU checks of tests/gpu_checks.py under pytest (skipped without CUDA), and the script that
-runs them on a bare GPU machine, exercised here: without CUDA it reports so and exits 0."""
+runs them on a bare GPU machine, exercised here: without CUDA it reports so and exits 0. Without
+CUDA the Triton checks still run, their kernel in Triton's interpreter (the lane and decode-step
+checks run in tests/test_stream_sim.py, against a model of CUDA streams)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import gpu_checks
 from tests.gpu_checks import CHECKS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,6 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: needs a CUDA device")
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_gpu_check(name):
+    CHECKS[name]()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, test_gpu_check runs them compiled")
+@pytest.mark.parametrize("name", [name for name in CHECKS if name.startswith("triton_kernel")])
+def test_triton_check_under_the_interpreter(name, monkeypatch):
+    """The check's own code at its shapes and dtypes (fp16/bf16, d = 576 and 4096), the kernel in
+    Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py)."""
+    monkeypatch.setattr(gpu_checks, "CUDA", torch.device("cpu"))
     CHECKS[name]()
 
 
