@@ -1,4 +1,4 @@
-"""CUDA's stream ordering, modelled on CPU: a happens-before race detector for stream code.
+"""CUDA's stream ordering and graphs, modelled on CPU: a happens-before race detector for stream code.
 
 The side-stream lane (esamp_sgl/lane.py) is only correct if every tensor one stream reads was
 written by an op ordered before it — by program order on one stream, ``wait_event`` /
@@ -23,14 +23,21 @@ on.
 Host syncs, as far as ops show them: inside ``torch.cuda.set_sync_debug_mode("error")`` (what
 the GPU checks put around a decode step) ``sim.syncs`` lists each op that reads device memory
 back to the host (``.item()``, ``nonzero``, boolean-mask indexing, ``unique``) and each device op
-fed host memory other than by a non-blocking copy (a pageable host-to-device copy). Not seen:
-``tolist()`` and ``.to(device)`` (no ops on CPU), graphs, kernel timing; code that branches on
-``device.type`` takes its CPU branch.
+fed host memory other than by a non-blocking copy (a pageable host-to-device copy).
+
+Graphs (``torch.cuda.graph`` / ``CUDAGraph``): the ops of a capture are recorded as kernels and
+a replay runs them again on the same tensors, on the stream current then — so a replay reads what
+those tensors hold at that moment, and a tensor rebound after the capture is never seen, as on a
+GPU; Python runs once, at the capture. A host sync or a host-to-device copy inside a capture is
+listed in ``sim.syncs``. Not seen: ``tolist()`` and ``.to(device)`` (no ops on CPU), a graph
+reading memory freed after its capture (the record keeps it alive), kernel timing; code that
+branches on ``device.type`` takes its CPU branch unless told otherwise (``on_cuda_branches``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import sys
 import weakref
@@ -99,6 +106,21 @@ class SimStream:
         return f"<stream {self.name}>"
 
 
+class SimGraph:
+    """torch.cuda.CUDAGraph as far as values go: the kernels recorded during capture, replayed on
+    the same tensors (fixed addresses: what a replay reads is what those tensors hold then) on the
+    stream current at the replay. Host work during the capture ran once, as on a GPU."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.kernels: list[tuple[Any, tuple, dict, list[torch.Tensor]]] = []  # (op, args, kwargs, outputs)
+
+    def replay(self) -> None:
+        for func, args, kwargs, outputs in self.kernels:
+            result = func(*args, **kwargs)
+            for recorded, fresh in zip(outputs, _tensors(result)):
+                recorded.copy_(fresh)
+
+
 class SimEvent:
     def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False) -> None:
         self.clock: Clock | None = None
@@ -128,6 +150,7 @@ class _Accesses:
     write: tuple[int, int, str] | None = None  # (stream id, its op number, op name)
     reads: dict[int, tuple[int, str]] = field(default_factory=dict)  # latest read per stream
     recorded: set[int] = field(default_factory=set)  # streams passed to record_stream
+    in_graph_pool: bool = False  # a captured graph's memory: freed with the graph, not by a stream
 
 
 class StreamSim(TorchDispatchMode):
@@ -145,6 +168,7 @@ class StreamSim(TorchDispatchMode):
         self.races: list[str] = []
         self.syncs: list[str] = []
         self._catch_syncs = False
+        self._capturing: SimGraph | None = None
         self._accesses: dict[int, _Accesses] = {}
         self._finalizers: list[weakref.finalize] = []
         self._honour_record_stream = honour_record_stream
@@ -180,9 +204,23 @@ class StreamSim(TorchDispatchMode):
 
     def to_device(self, values: Any, dtype: torch.dtype, device: Any = None) -> torch.Tensor:
         """esamp_sgl.transfer.to_device: a host-to-device copy queued on the current stream."""
+        if self._capturing is not None:
+            self.syncs.append("a host-to-device copy inside a graph capture (replays copy what the host buffer holds then)")
         copy = torch.as_tensor(values, dtype=dtype).clone()
         self._register(copy, self.current, self.current.tick(), "a host-to-device copy")
         return copy
+
+    @contextlib.contextmanager
+    def graph(self, cuda_graph: SimGraph, pool: Any = None, stream: SimStream | None = None,
+              capture_error_mode: str = "global") -> Iterator[SimGraph]:
+        """torch.cuda.graph: synchronizes, then captures on its own stream."""
+        self.synchronize()
+        with self.on(stream or self.new_stream("capture")):
+            self._capturing = cuda_graph
+            try:
+                yield cuda_graph
+            finally:
+                self._capturing = None
 
     def set_sync_debug_mode(self, mode: int | str) -> None:
         self._catch_syncs = mode in (2, "error")
@@ -196,7 +234,13 @@ class StreamSim(TorchDispatchMode):
         monkeypatch.setattr(torch.cuda, "stream", sim.on)
         monkeypatch.setattr(torch.cuda, "synchronize", sim.synchronize)
         monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", sim.set_sync_debug_mode)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", SimGraph)
+        monkeypatch.setattr(torch.cuda, "graph", sim.graph)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: sim._capturing is not None)
         monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: sim.record_stream(tensor, stream))
+        # ESamp's modules that copy to the device, imported first: one imported while the model is
+        # on would keep the model's to_device after it is gone.
+        importlib.import_module("runtime_patch.hooks")
         original = transfer.to_device
         for module in list(sys.modules.values()):  # transfer and every module that imported to_device
             if vars(module).get("to_device") is original:
@@ -226,6 +270,9 @@ class StreamSim(TorchDispatchMode):
             self._check_sync(func, [t for _, t in inputs], [t for _, t in tracked], values)
         if inputs and not tracked or all(r.alias_info is not None for r in schema.returns) and not mutates:
             return out  # a host op (its results are host memory too), or a view: no kernel runs
+        if self._capturing is not None:
+            self._capture(func, args, kwargs, out, tracked)
+            return out
         stream, name = self.current, str(func)
         op = stream.tick()
         for argument, tensor in tracked:
@@ -235,6 +282,18 @@ class StreamSim(TorchDispatchMode):
                 if id(tensor.untyped_storage()) not in self._accesses:
                     self._register(tensor, stream, op, f"{name} {tuple(tensor.shape)}")
         return out
+
+    def _capture(self, func: Any, args: tuple, kwargs: dict, out: Any, on_device: list) -> None:
+        """A kernel recorded into the graph being captured: nothing reads or writes memory until a
+        replay; what it allocates belongs to the graph's pool."""
+        if str(func) in HOST_READS and on_device:
+            self.syncs.append(f"{func} reads device memory back to the host inside a graph capture")
+        fresh = _tensors(out) if any(r.alias_info is None for r in func._schema.returns) else []
+        for tensor in fresh:
+            if id(tensor.untyped_storage()) not in self._accesses:
+                self._register(tensor, self.current, self.current.clock[self.current.id], f"{func} (graph pool)")
+                self._accesses[id(tensor.untyped_storage())].in_graph_pool = True
+        self._capturing.kernels.append((func, args, kwargs, fresh))
 
     def _check_sync(self, func: Any, inputs: list[torch.Tensor], on_device: list[torch.Tensor], values: dict) -> None:
         name = str(func)
@@ -272,7 +331,7 @@ class StreamSim(TorchDispatchMode):
     def _freed(self, key: int) -> None:
         """The caching allocator may hand the block to its allocation stream's next op at once."""
         entry = self._accesses.pop(key, None)
-        if entry is None:
+        if entry is None or entry.in_graph_pool:
             return
         owner = entry.allocated_on
         users = [(entry.write[0], entry.write[1], entry.write[2])] if entry.write else []
@@ -301,7 +360,6 @@ def on_cuda_branches(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], Any]:
 
     monkeypatch.setattr(scheduler_state, "DeferredLane", CudaStreamLane)
     monkeypatch.setattr(scheduler_state, "GraphRows", lambda rows, d, device: GraphRows(rows, d, torch.device("cpu")))
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
 
     def as_on_cuda(state: Any) -> Any:
         state.device = state.bank.device = torch.device("cuda")

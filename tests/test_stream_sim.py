@@ -1,8 +1,8 @@
-"""The side-stream lane's ordering, checked on CPU against a model of CUDA streams
-(tests/stream_sim.py): the GPU check of the lane (tests/gpu_checks.py) runs here with every
-cross-stream access checked, and the model is shown to catch the two defects that check guards
-against — ordering on a stream remembered at build time instead of the forward's, and job inputs
-without ``record_stream``."""
+"""The GPU path checked on CPU against a model of CUDA streams and graphs (tests/stream_sim.py):
+the GPU checks of tests/gpu_checks.py — the lane, decode steps, a captured decode step replayed —
+run here with every cross-stream access and host sync checked, and the model is shown to catch
+what those checks guard against: ordering on a stream remembered at build time instead of the
+forward's, job inputs without ``record_stream``, a graph-form buffer a replay does not read."""
 
 from __future__ import annotations
 
@@ -101,6 +101,21 @@ def test_host_syncs_in_sync_debug_mode(sim):
                                                  "aten.add.Tensor"]
 
 
+def test_a_replay_runs_the_captured_kernels_on_the_tensors_they_had(sim):
+    source, host_work = torch.ones(3), []
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        assert torch.cuda.is_current_stream_capturing()
+        doubled = source * 2
+        host_work.append(1)  # Python runs once, at the capture
+    source.fill_(5.0)
+    graph.replay()
+    assert doubled.tolist() == [10.0] * 3 and host_work == [1]
+    source = torch.zeros(3)  # a new tensor: the graph still reads the old one
+    graph.replay()
+    assert doubled.tolist() == [10.0] * 3 and sim.races == [] and not torch.cuda.is_current_stream_capturing()
+
+
 def _lane_check(sim, monkeypatch, staleness: int) -> None:
     """tests/gpu_checks.py's lane check, on CPU."""
     monkeypatch.setattr(gpu_checks, "CUDA", torch.device("cpu"))
@@ -133,6 +148,37 @@ def test_a_decode_step_on_a_forward_stream_with_the_side_stream_lane(sim, monkey
     assert sim.races == [] and sim.syncs == []
     side = sim.streams[-1]
     assert side.clock[side.id] > 100  # the steps' training ran there
+
+
+def _captured_check(monkeypatch, filter_mode: str, sharded: bool) -> None:
+    as_on_cuda, build = on_cuda_branches(monkeypatch), gpu_checks._state
+    monkeypatch.setattr(gpu_checks, "_state", lambda *args, **kwargs: as_on_cuda(build(*args, **kwargs)))
+    monkeypatch.setattr(gpu_checks, "CUDA", torch.device("cpu"))
+    gpu_checks.check_captured_decode_step_replays_padded(filter_mode, sharded)
+
+
+@pytest.mark.parametrize("filter_mode", ["pre", "post"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["", "tp"])
+def test_a_captured_decode_step_replays_padded(sim, monkeypatch, filter_mode, sharded):
+    """tests/gpu_checks.py's captured decode step: captured through ESamp's capture hooks for 8
+    rows, replayed for 3 and 5 with β, slots and weights changed between replays."""
+    _captured_check(monkeypatch, filter_mode, sharded)
+    assert sim.races == [] and sim.syncs == []
+
+
+def test_a_graph_form_that_rebinds_a_buffer_fails_the_replay_check(sim, monkeypatch):
+    from esamp_sgl.graph_rows import GraphRows
+
+    load = GraphRows.load
+
+    def load_into_a_new_tensor(rows, beta, slot):
+        load(rows, beta, slot)
+        captured, rows.beta = rows.beta, rows.beta.clone()
+        captured.zero_()  # what the captured graph reads: β never reaches it
+
+    monkeypatch.setattr(GraphRows, "load", load_into_a_new_tensor)
+    with pytest.raises(AssertionError):
+        _captured_check(monkeypatch, "pre", False)
 
 
 def test_job_inputs_without_record_stream_are_freed_under_the_side_stream(monkeypatch):
