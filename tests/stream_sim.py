@@ -1,4 +1,4 @@
-"""CUDA's stream ordering and graphs, modelled on CPU: a happens-before race detector for stream code.
+"""CUDA streams and graphs modelled on CPU: a happens-before race detector for stream code.
 
 The side-stream lane (esamp_sgl/lane.py) is only correct if every tensor one stream reads was
 written by an op ordered before it — by program order on one stream, ``wait_event`` /
@@ -205,7 +205,8 @@ class StreamSim(TorchDispatchMode):
     def to_device(self, values: Any, dtype: torch.dtype, device: Any = None) -> torch.Tensor:
         """esamp_sgl.transfer.to_device: a host-to-device copy queued on the current stream."""
         if self._capturing is not None:
-            self.syncs.append("a host-to-device copy inside a graph capture (replays copy what the host buffer holds then)")
+            self.syncs.append("a host-to-device copy inside a graph capture "
+                              "(replays copy what the host buffer holds then)")
         copy = torch.as_tensor(values, dtype=dtype).clone()
         self._register(copy, self.current, self.current.tick(), "a host-to-device copy")
         return copy
@@ -276,7 +277,8 @@ class StreamSim(TorchDispatchMode):
         stream, name = self.current, str(func)
         op = stream.tick()
         for argument, tensor in tracked:
-            self._access(tensor, stream, op, name, write=argument.alias_info is not None and argument.alias_info.is_write)
+            written = argument.alias_info is not None and argument.alias_info.is_write
+            self._access(tensor, stream, op, name, write=written)
         if any(r.alias_info is None for r in schema.returns):
             for tensor in _tensors(out):  # fresh storages: allocated (and written) on this stream
                 if id(tensor.untyped_storage()) not in self._accesses:
@@ -338,8 +340,8 @@ class StreamSim(TorchDispatchMode):
         users += [(by, at, what) for by, (at, what) in entry.reads.items()]
         for by, at, what in users:
             if by != owner.id and by not in entry.recorded and not owner.ordered_before_next(by, at):
-                self.races.append(f"the block of {entry.allocated_by} on {owner} was freed while {what} on {self._name(by)} "
-                                  "may still use it (no record_stream, no wait)")
+                self.races.append(f"the block of {entry.allocated_by} on {owner} was freed while {what} on "
+                                  f"{self._name(by)} may still use it (no record_stream, no wait)")
 
     def _name(self, stream_id: int) -> str:
         return next((repr(s) for s in self.streams if s.id == stream_id), f"<stream {stream_id}>")
