@@ -90,17 +90,9 @@ class SimStream:
     def wait_stream(self, other: SimStream) -> None:
         _merge(self.clock, other.clock)
 
-    def record_event(self, event: SimEvent | None = None) -> SimEvent:
-        event = event or SimEvent()
-        event.record(self)
-        return event
-
     def synchronize(self) -> None:
         _merge(self.sim.host_clock, self.clock)
         self.sim.order_after_host()
-
-    def query(self) -> bool:
-        return True
 
     def __repr__(self) -> str:
         return f"<stream {self.name}>"
@@ -129,16 +121,10 @@ class SimEvent:
         stream = stream or StreamSim.active.current
         self.clock = dict(stream.clock)
 
-    def wait(self, stream: SimStream | None = None) -> None:
-        (stream or StreamSim.active.current).wait_event(self)
-
     def synchronize(self) -> None:
         if self.clock is not None:
             _merge(StreamSim.active.host_clock, self.clock)
             StreamSim.active.order_after_host()
-
-    def query(self) -> bool:
-        return True
 
 
 @dataclass
@@ -336,7 +322,7 @@ class StreamSim(TorchDispatchMode):
         if entry is None or entry.in_graph_pool:
             return
         owner = entry.allocated_on
-        users = [(entry.write[0], entry.write[1], entry.write[2])] if entry.write else []
+        users = [entry.write] if entry.write else []
         users += [(by, at, what) for by, (at, what) in entry.reads.items()]
         for by, at, what in users:
             if by != owner.id and by not in entry.recorded and not owner.ordered_before_next(by, at):

@@ -116,22 +116,28 @@ def test_a_replay_runs_the_captured_kernels_on_the_tensors_they_had(sim):
     assert doubled.tolist() == [10.0] * 3 and sim.races == [] and not torch.cuda.is_current_stream_capturing()
 
 
-def _lane_check(sim, monkeypatch, staleness: int) -> None:
-    """tests/gpu_checks.py's lane check, on CPU."""
+def _gpu_checks_on_cpu(monkeypatch) -> None:
+    """tests/gpu_checks.py on CPU tensors, its scheduler states on their CUDA branches."""
+    as_on_cuda, build = on_cuda_branches(monkeypatch), gpu_checks._state
+    monkeypatch.setattr(gpu_checks, "_state", lambda *args, **kwargs: as_on_cuda(build(*args, **kwargs)))
     monkeypatch.setattr(gpu_checks, "CUDA", torch.device("cpu"))
+
+
+def _lane_check(monkeypatch, staleness: int) -> None:
+    _gpu_checks_on_cpu(monkeypatch)
     gpu_checks.check_lane_on_a_forward_stream(staleness)
 
 
 @pytest.mark.parametrize("staleness", [0, 1, 3])
 def test_the_lane_orders_every_access_against_the_forward_stream(sim, monkeypatch, staleness):
-    _lane_check(sim, monkeypatch, staleness)
+    _lane_check(monkeypatch, staleness)
     assert sim.races == []
     assert len(sim.streams) == 3  # default, the forward's, the lane's side stream
 
 
 def test_a_lane_ordering_against_the_default_stream_races_the_forward(sim, monkeypatch):
     monkeypatch.setattr(CudaStreamLane, "_main", lambda lane: torch.cuda.default_stream())
-    _lane_check(sim, monkeypatch, 1)  # ops run eagerly here: its weights come out right, its order does not
+    _lane_check(monkeypatch, 1)  # ops run eagerly here: its weights come out right, its order does not
     assert any("without waiting" in race for race in sim.races)
 
 
@@ -140,9 +146,7 @@ def test_a_lane_ordering_against_the_default_stream_races_the_forward(sim, monke
 def test_a_decode_step_on_a_forward_stream_with_the_side_stream_lane(sim, monkeypatch, form, sharded):
     """tests/gpu_checks.py's decode step (post-filter, bf16) through ESamp's scheduler state on its
     CUDA branches, training on the side-stream lane, the forward on a stream of its own."""
-    as_on_cuda, build = on_cuda_branches(monkeypatch), gpu_checks._state
-    monkeypatch.setattr(gpu_checks, "_state", lambda *args, **kwargs: as_on_cuda(build(*args, **kwargs)))
-    monkeypatch.setattr(gpu_checks, "CUDA", torch.device("cpu"))
+    _gpu_checks_on_cpu(monkeypatch)
     with torch.cuda.stream(torch.cuda.Stream()):
         gpu_checks.check_decode_step_makes_no_host_sync(form, sharded)
     assert sim.races == [] and sim.syncs == []
@@ -151,9 +155,7 @@ def test_a_decode_step_on_a_forward_stream_with_the_side_stream_lane(sim, monkey
 
 
 def _captured_check(monkeypatch, filter_mode: str, sharded: bool) -> None:
-    as_on_cuda, build = on_cuda_branches(monkeypatch), gpu_checks._state
-    monkeypatch.setattr(gpu_checks, "_state", lambda *args, **kwargs: as_on_cuda(build(*args, **kwargs)))
-    monkeypatch.setattr(gpu_checks, "CUDA", torch.device("cpu"))
+    _gpu_checks_on_cpu(monkeypatch)
     gpu_checks.check_captured_decode_step_replays_padded(filter_mode, sharded)
 
 
@@ -183,5 +185,5 @@ def test_a_graph_form_that_rebinds_a_buffer_fails_the_replay_check(sim, monkeypa
 
 def test_job_inputs_without_record_stream_are_freed_under_the_side_stream(monkeypatch):
     with StreamSim(monkeypatch, honour_record_stream=False) as sim:
-        _lane_check(sim, monkeypatch, 1)
+        _lane_check(monkeypatch, 1)
     assert any("freed" in race for race in sim.races), sim.races[:3]
