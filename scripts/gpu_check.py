@@ -47,6 +47,11 @@ def load_overhead_benchmark() -> types.ModuleType:
     return module
 
 
+def write(report: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
@@ -82,6 +87,7 @@ def main() -> int:
                 entry = {"status": "failed", "error": traceback.format_exc(limit=8)}
             entry["seconds"] = round(time.perf_counter() - start, 3)
             report["checks"][name] = entry
+            write(report, args.out)  # a run stopped at its time limit keeps what it finished
             print(f"{entry['status']:>7}  {entry['seconds']:7.2f} s  {name}", flush=True)
         if args.only in "overhead_llama7b":
             start = time.perf_counter()
@@ -93,8 +99,7 @@ def main() -> int:
             for batch, paths in report["overhead_llama7b"]["candidate_masks"]["ms"].items():
                 print(f"batch {batch:>3} candidate masks (ms): "
                       + ", ".join(f"{name} {ms:.3f}" for name, ms in paths.items()), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    write(report, args.out)
     failed = [n for n, e in report["checks"].items() if e["status"] == "failed"]
     print(f"gpu_check: cuda={report['cuda']} passed={sum(e['status'] == 'passed' for e in report['checks'].values())} "
           f"failed={len(failed)} -> {args.out}")
