@@ -29,9 +29,11 @@ Graphs (``torch.cuda.graph`` / ``CUDAGraph``): the ops of a capture are recorded
 a replay runs them again on the same tensors, on the stream current then — so a replay reads what
 those tensors hold at that moment, and a tensor rebound after the capture is never seen, as on a
 GPU; Python runs once, at the capture. A host sync or a host-to-device copy inside a capture is
-listed in ``sim.syncs``. Not seen: ``tolist()`` and ``.to(device)`` (no ops on CPU), a graph
-reading memory freed after its capture (the record keeps it alive), kernel timing; code that
-branches on ``device.type`` takes its CPU branch unless told otherwise (``on_cuda_branches``).
+listed in ``sim.syncs``. ``tolist()``, ``cpu()`` and ``numpy()`` run no op on CPU; they are
+watched directly and listed when they read device memory. Not seen: ``.to(device)`` (every device
+is the CPU here, so a copy to the host cannot be told from one to the device), a graph reading
+memory freed after its capture (the record keeps it alive), kernel timing; code that branches on
+``device.type`` or ``is_cuda`` takes its CPU branch unless told otherwise (``on_cuda_branches``).
 """
 
 from __future__ import annotations
@@ -225,6 +227,8 @@ class StreamSim(TorchDispatchMode):
         monkeypatch.setattr(torch.cuda, "graph", sim.graph)
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: sim._capturing is not None)
         monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: sim.record_stream(tensor, stream))
+        for method in ("tolist", "cpu", "numpy"):  # no op runs for them on CPU: seen here instead
+            monkeypatch.setattr(torch.Tensor, method, sim._read_back(getattr(torch.Tensor, method), method))
         # ESamp's modules that copy to the device, imported first: one imported while the model is
         # on would keep the model's to_device after it is gone.
         importlib.import_module("runtime_patch.hooks")
@@ -293,6 +297,21 @@ class StreamSim(TorchDispatchMode):
         host = [t for t in inputs if id(t) not in device_ids and t.dim() > 0]
         if host and not (name == "aten.copy_.default" and values.get("non_blocking")):
             self.syncs.append(f"{name} takes host memory {tuple(host[0].shape)} (a pageable host-to-device copy)")
+
+    def _read_back(self, method: Callable, name: str) -> Callable:
+        """``Tensor.<name>`` (``tolist``, ``cpu``, ``numpy``) that lists its read of device memory
+        back to the host, which on CUDA waits for the stream."""
+        sim = self
+
+        def reading(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if id(tensor.untyped_storage()) in sim._accesses:
+                where = " inside a graph capture" if sim._capturing is not None else ""
+                if where or sim._catch_syncs:
+                    sim.syncs.append(f"Tensor.{name} reads device memory {tuple(tensor.shape)} back to the "
+                                     f"host{where}")
+            return method(tensor, *args, **kwargs)
+
+        return reading
 
     def _register(self, tensor: torch.Tensor, stream: SimStream, op: int, made_by: str) -> None:
         """Device memory from here on: allocated on ``stream`` and written by its op ``op``."""

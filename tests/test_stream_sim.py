@@ -96,9 +96,12 @@ def test_host_syncs_in_sync_debug_mode(sim):
     int(on_device.sum())
     on_device[on_device > 1]
     on_device + host
+    host.tolist(), host.cpu()  # host memory: nothing to wait for
+    on_device.tolist()
+    on_device.cpu()
     torch.cuda.set_sync_debug_mode("default")
     assert [s.split()[0] for s in sim.syncs] == ["aten._local_scalar_dense.default", "aten.index.Tensor",
-                                                 "aten.add.Tensor"]
+                                                 "aten.add.Tensor", "Tensor.tolist", "Tensor.cpu"]
 
 
 def test_a_replay_runs_the_captured_kernels_on_the_tensors_they_had(sim):
