@@ -190,6 +190,13 @@ class StreamSim(TorchDispatchMode):
         if entry is not None and self._honour_record_stream:
             entry.recorded.add(stream.id)
 
+    def place(self, tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> None:
+        """Tensors made before the model began (a model's weights, say) as device memory written on
+        the current stream, as loading them onto the GPU would leave them."""
+        for tensor in tensors:
+            if id(tensor.untyped_storage()) not in self._accesses:
+                self._register(tensor, self.current, self.current.tick(), f"loading {tuple(tensor.shape)}")
+
     def to_device(self, values: Any, dtype: torch.dtype, device: Any = None) -> torch.Tensor:
         """esamp_sgl.transfer.to_device: a host-to-device copy queued on the current stream."""
         if self._capturing is not None:

@@ -74,16 +74,19 @@ def test_a_groups_life_under_the_overlap_schedulers_streams(tiny_model_path, mon
     forward stream after ``forward_stream.wait_stream(schedule_stream)``; training on the lane's
     side stream. One slot: the second group takes the first one's (reset_slots) while the first
     one's training may still be queued. The state takes its CUDA branches. Every access must be
-    ordered as CUDA would order it."""
+    ordered as CUDA would order it, and a decode forward must not make the host wait."""
     model = LlamaForCausalLM.from_pretrained(str(tiny_model_path)).eval()
     as_on_cuda = on_cuda_branches(monkeypatch)
     with StreamSim(monkeypatch) as sim:
+        sim.place(model.state_dict().values())
         state = as_on_cuda(SchedulerState(ESampConfig(init="random", max_groups=1, warmup_steps=2, staleness=1),
                                           model, torch.device("cpu"), str(tiny_model_path)))
         schedule, forward = torch.cuda.Stream(), torch.cuda.Stream()
 
         def run_forward(reqs: list[Req], prompt_len: int) -> None:
             forward.wait_stream(schedule)
+            decode = prompt_len == 1
+            torch.cuda.set_sync_debug_mode("error" if decode else "default")
             with torch.cuda.stream(forward):
                 state.begin_batch(reqs)
                 tokens = len(reqs) * prompt_len
@@ -92,6 +95,7 @@ def test_a_groups_life_under_the_overlap_schedulers_streams(tiny_model_path, mon
                     state.warm_up(ids, hidden, None, [prompt_len] * len(reqs))
                 state.mix(ids, hidden, None, torch.arange(prompt_len - 1, tokens, prompt_len))
                 state.end_batch()
+            torch.cuda.set_sync_debug_mode("default")
 
         with torch.cuda.stream(schedule):
             for group in ("ga", "gb"):
@@ -106,5 +110,5 @@ def test_a_groups_life_under_the_overlap_schedulers_streams(tiny_model_path, mon
                 for req in reqs:
                     state.release(req.rid, len(req.output_ids))
             report = state.report()
-    assert sim.races == []
+    assert sim.races == [] and sim.syncs == []
     assert report["groups_created"] == 2 and report["training_steps"] >= 8 and report["warmed_up_tokens"] > 0
