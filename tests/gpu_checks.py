@@ -38,7 +38,9 @@ CUDA = torch.device("cuda")
 
 
 def _rows(n: int, seed: int, d: int = D) -> torch.Tensor:
-    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)).to(CUDA)
+    """Drawn on the device: a copy from pageable host memory would itself be a host sync, which
+    set_sync_debug_mode("error") refuses inside the decode-step check."""
+    return torch.randn(n, d, generator=torch.Generator(device=CUDA).manual_seed(seed), device=CUDA)
 
 
 # --- the lane beside a forward on its own stream -----------------------------------------------
@@ -49,7 +51,7 @@ def check_lane_on_a_forward_stream(staleness: int) -> None:
     reference = DeferredLane(DistillerBank(3, D, cfg, device=CUDA), staleness)
     forward = torch.cuda.Stream()
     slot = torch.tensor([0, 1, 2, 0])
-    probe, probe_slot = _rows(4, 99), slot.to(CUDA)
+    probe, probe_slot = _rows(4, 99), to_device(slot, torch.int64, CUDA)
     with torch.cuda.stream(forward):
         forward.wait_stream(torch.cuda.default_stream())
         for t in range(10):
@@ -208,8 +210,8 @@ def check_captured_decode_step_replays_padded(filter_mode: str, sharded: bool = 
         result = state.after_replay(output, _sampling(n), amateur, second_pass=None)
 
         x = state.shallow_state(ids, None)[:n]
-        b = torch.tensor(beta, device=CUDA)
-        s = torch.tensor([max(v, 0) for v in slot], device=CUDA)
+        b = to_device(beta, torch.float32, CUDA)
+        s = to_device([max(v, 0) for v in slot], torch.int64, CUDA)
         want_mix, want_hat, _ = distill_and_mix_torch(params_now, x, h[:n], s, b)
         if filter_mode == "pre":
             want = head(want_mix)

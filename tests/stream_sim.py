@@ -25,13 +25,18 @@ the GPU checks put around a decode step) ``sim.syncs`` lists each op that reads 
 back to the host (``.item()``, ``nonzero``, boolean-mask indexing, ``unique``) and each device op
 fed host memory other than by a non-blocking copy (a pageable host-to-device copy).
 
+Device mismatches: ``sim.mixed`` lists each op given host memory (other than a 0-dim scalar)
+beside device memory, which raises on CUDA, except a copy and indexing by host indices.
+
 Graphs (``torch.cuda.graph`` / ``CUDAGraph``): the ops of a capture are recorded as kernels and
 a replay runs them again on the same tensors, on the stream current then — so a replay reads what
 those tensors hold at that moment, and a tensor rebound after the capture is never seen, as on a
 GPU; Python runs once, at the capture. A host sync or a host-to-device copy inside a capture is
 listed in ``sim.syncs``. ``tolist()``, ``cpu()`` and ``numpy()`` run no op on CPU; they are
 watched directly and listed when they read device memory. Not seen: ``.to(device)`` (every device
-is the CPU here, so a copy to the host cannot be told from one to the device), a graph reading
+is the CPU here, so a copy to the host cannot be told from one to the device, and what a factory
+op makes counts as device memory even where the code meant the host, as ``torch.randn`` with a
+CPU generator followed by ``.to(device)``: a pageable copy on CUDA), a graph reading
 memory freed after its capture (the record keeps it alive), kernel timing; code that branches on
 ``device.type`` or ``is_cuda`` takes its CPU branch unless told otherwise (``on_cuda_branches``).
 """
@@ -60,6 +65,12 @@ Clock = dict[int, int]  # stream id -> ops of that stream known to have complete
 HOST_READS = frozenset({"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
                         "aten._unique2.default", "aten.unique_consecutive.default", "aten.unique_dim.default",
                         "aten.repeat_interleave.Tensor"})
+
+
+# Ops that CUDA lets take host memory beside device memory (a copy, or indices it copies over);
+# any other op given both raises there ("Expected all tensors to be on the same device").
+MIXED_DEVICES_ALLOWED = frozenset({"aten.copy_.default", "aten._to_copy.default", "aten.index.Tensor",
+                                   "aten.index_put_.default", "aten._index_put_impl_.default"})
 
 
 def _merge(into: Clock, other: Clock) -> None:
@@ -155,6 +166,7 @@ class StreamSim(TorchDispatchMode):
         self.current = self.default
         self.races: list[str] = []
         self.syncs: list[str] = []
+        self.mixed: list[str] = []  # ops that would raise on CUDA: host and device memory in one op
         self._catch_syncs = False
         self._capturing: SimGraph | None = None
         self._accesses: dict[int, _Accesses] = {}
@@ -266,6 +278,10 @@ class StreamSim(TorchDispatchMode):
         mutates = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
         if self._catch_syncs and tracked:
             self._check_sync(func, [t for _, t in inputs], [t for _, t in tracked], values)
+        if tracked and str(func) not in MIXED_DEVICES_ALLOWED:
+            on_host = [t for _, t in inputs if id(t.untyped_storage()) not in self._accesses and t.dim() > 0]
+            if on_host:
+                self.mixed.append(f"{func} takes host memory {tuple(on_host[0].shape)} beside device memory")
         if inputs and not tracked or all(r.alias_info is not None for r in schema.returns) and not mutates:
             return out  # a host op (its results are host memory too), or a view: no kernel runs
         if self._capturing is not None:

@@ -104,6 +104,16 @@ def test_host_syncs_in_sync_debug_mode(sim):
                                                  "aten.add.Tensor", "Tensor.tolist", "Tensor.cpu"]
 
 
+def test_host_memory_beside_device_memory_would_raise_on_cuda(sim):
+    on_device, host = torch.arange(4.0), torch.tensor([1.0, 2.0, 3.0, 4.0])
+    on_device.copy_(host)  # what CUDA allows: a copy, host indices, a 0-dim host scalar
+    on_device[torch.tensor([0, 1])]
+    on_device * torch.tensor(2.0)
+    assert sim.mixed == []
+    torch.where(on_device > 1, host, on_device)
+    assert len(sim.mixed) == 1 and sim.mixed[0].startswith("aten.where.self")
+
+
 def test_a_replay_runs_the_captured_kernels_on_the_tensors_they_had(sim):
     source, host_work = torch.ones(3), []
     graph = torch.cuda.CUDAGraph()
@@ -134,7 +144,7 @@ def _lane_check(monkeypatch, staleness: int) -> None:
 @pytest.mark.parametrize("staleness", [0, 1, 3])
 def test_the_lane_orders_every_access_against_the_forward_stream(sim, monkeypatch, staleness):
     _lane_check(monkeypatch, staleness)
-    assert sim.races == []
+    assert sim.races == [] and sim.mixed == []
     assert len(sim.streams) == 3  # default, the forward's, the lane's side stream
 
 
@@ -152,7 +162,7 @@ def test_a_decode_step_on_a_forward_stream_with_the_side_stream_lane(sim, monkey
     _gpu_checks_on_cpu(monkeypatch)
     with torch.cuda.stream(torch.cuda.Stream()):
         gpu_checks.check_decode_step_makes_no_host_sync(form, sharded)
-    assert sim.races == [] and sim.syncs == []
+    assert sim.races == [] and sim.syncs == [] and sim.mixed == []
     side = sim.streams[-1]
     assert side.clock[side.id] > 100  # the steps' training ran there
 
@@ -168,7 +178,7 @@ def test_a_captured_decode_step_replays_padded(sim, monkeypatch, filter_mode, sh
     """tests/gpu_checks.py's captured decode step: captured through ESamp's capture hooks for 8
     rows, replayed for 3 and 5 with β, slots and weights changed between replays."""
     _captured_check(monkeypatch, filter_mode, sharded)
-    assert sim.races == [] and sim.syncs == []
+    assert sim.races == [] and sim.syncs == [] and sim.mixed == []
 
 
 def test_a_graph_form_that_rebinds_a_buffer_fails_the_replay_check(sim, monkeypatch):
