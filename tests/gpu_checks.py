@@ -11,7 +11,8 @@ Each check would fail on a GPU if the defect it names came back:
 - the graph form captured the way SGLang captures a decode graph (ESamp's hooks around a padded
   batch, the LM head projecting [h; ĥ] in one pass over padded vocabulary rows with a softcap),
   replayed for fewer live rows than captured, with β, slots and weights changed between replays;
-- the fused Triton kernel against its torch reference in fp16 and bf16 at d = 576 and 4096.
+- the fused Triton kernel against its torch reference in fp16 and bf16 at d = 576 and 4096;
+- the lane and decode-step checks again under PyTorch's CUDA sanitizer ("csan:").
 The checks marked ",tp" run the step in its tensor-parallel form (groups sharded over the ranks,
 distill_and_mix_sharded) as the one rank of a group of 1: one GPU cannot run a real all-reduce.
 
@@ -248,6 +249,23 @@ def check_triton_kernel(dtype: torch.dtype, d: int) -> None:
     assert torch.equal(out[beta == 0], h[beta == 0])
 
 
+def under_cuda_sanitizer(check: Callable[[], None]) -> Callable[[], None]:
+    """``check`` again under PyTorch's CUDA sanitizer (CSAN): it follows every torch op's reads and
+    writes on the GPU's real streams, events and synchronizations and raises on an access they
+    leave unordered — on the hardware, what tests/stream_sim.py models on CPU. It does not see
+    inside Triton kernels, and does not check frees (the model does)."""
+    def run() -> None:
+        # Importing it switches on PyTorch's GPU trace callbacks for the rest of the process (its
+        # module builds the sanitizer): time nothing after these checks. Its dispatch mode is
+        # entered for this check only.
+        from torch.cuda._sanitizer import cuda_sanitizer
+
+        with cuda_sanitizer.dispatch:
+            check()
+
+    return run
+
+
 CHECKS: dict[str, Callable[[], None]] = {
     **{f"lane_on_a_forward_stream[staleness={k}]": (lambda k=k: check_lane_on_a_forward_stream(k)) for k in (0, 1, 3)},
     **{f"decode_step_makes_no_host_sync[{form}{',tp' if tp else ''}]":
@@ -259,3 +277,5 @@ CHECKS: dict[str, Callable[[], None]] = {
     **{f"triton_kernel[{str(dt).split('.')[-1]},d={d}]": (lambda dt=dt, d=d: check_triton_kernel(dt, d))
        for dt in (torch.float16, torch.bfloat16) for d in (576, 4096)},
 }
+CHECKS |= {f"csan:{name}": under_cuda_sanitizer(check) for name, check in list(CHECKS.items())
+           if name.startswith(("lane_on_a_forward_stream", "decode_step_makes_no_host_sync"))}
