@@ -48,7 +48,7 @@ import importlib
 import itertools
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,7 +202,7 @@ class StreamSim(TorchDispatchMode):
         if entry is not None and self._honour_record_stream:
             entry.recorded.add(stream.id)
 
-    def place(self, tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> None:
+    def place(self, tensors: Iterable[torch.Tensor]) -> None:
         """Tensors made before the model began (a model's weights, say) as device memory written on
         the current stream, as loading them onto the GPU would leave them."""
         for tensor in tensors:
