@@ -32,7 +32,8 @@ Graphs (``torch.cuda.graph`` / ``CUDAGraph``): the ops of a capture are recorded
 a replay runs them again on the same tensors, on the stream current then — so a replay reads what
 those tensors hold at that moment, and a tensor rebound after the capture is never seen, as on a
 GPU; Python runs once, at the capture. A host sync or a host-to-device copy inside a capture is
-listed in ``sim.syncs``. ``tolist()``, ``cpu()`` and ``numpy()`` run no op on CPU; they are
+listed in ``sim.syncs``; a synchronize, or an op on a stream other than the capturing one (no
+fork and join is modelled), in ``sim.capture_errors``. ``tolist()``, ``cpu()`` and ``numpy()`` run no op on CPU; they are
 watched directly and listed when they read device memory. Not seen: ``.to(device)`` (every device
 is the CPU here, so a copy to the host cannot be told from one to the device, and what a factory
 op makes counts as device memory even where the code meant the host, as ``torch.randn`` with a
@@ -104,6 +105,7 @@ class SimStream:
         _merge(self.clock, other.clock)
 
     def synchronize(self) -> None:
+        self.sim.refuse_in_capture("a stream synchronize")
         _merge(self.sim.host_clock, self.clock)
         self.sim.order_after_host()
 
@@ -135,6 +137,7 @@ class SimEvent:
         self.clock = dict(stream.clock)
 
     def synchronize(self) -> None:
+        StreamSim.active.refuse_in_capture("an event synchronize")
         if self.clock is not None:
             _merge(StreamSim.active.host_clock, self.clock)
             StreamSim.active.order_after_host()
@@ -167,8 +170,10 @@ class StreamSim(TorchDispatchMode):
         self.races: list[str] = []
         self.syncs: list[str] = []
         self.mixed: list[str] = []  # ops that would raise on CUDA: host and device memory in one op
+        self.capture_errors: list[str] = []  # what CUDA refuses, or leaves out of the graph, while capturing
         self._catch_syncs = False
         self._capturing: SimGraph | None = None
+        self._capture_stream: SimStream | None = None
         self._accesses: dict[int, _Accesses] = {}
         self._finalizers: list[weakref.finalize] = []
         self._honour_record_stream = honour_record_stream
@@ -192,7 +197,17 @@ class StreamSim(TorchDispatchMode):
         finally:
             self.current = previous
 
+    def problems(self) -> list[str]:
+        """Everything the model found: unordered accesses, host syncs (where caught), device
+        mismatches, capture errors."""
+        return self.races + self.syncs + self.mixed + self.capture_errors
+
+    def refuse_in_capture(self, what: str) -> None:
+        if self._capturing is not None:
+            self.capture_errors.append(f"{what} while a graph is being captured (CUDA refuses it)")
+
     def synchronize(self, device: Any = None) -> None:
+        self.refuse_in_capture("torch.cuda.synchronize")
         for stream in self.streams:
             _merge(self.host_clock, stream.clock)
         self.order_after_host()
@@ -223,12 +238,12 @@ class StreamSim(TorchDispatchMode):
               capture_error_mode: str = "global") -> Iterator[SimGraph]:
         """torch.cuda.graph: synchronizes, then captures on its own stream."""
         self.synchronize()
-        with self.on(stream or self.new_stream("capture")):
-            self._capturing = cuda_graph
+        with self.on(stream or self.new_stream("capture")) as capture_stream:
+            self._capturing, self._capture_stream = cuda_graph, capture_stream
             try:
                 yield cuda_graph
             finally:
-                self._capturing = None
+                self._capturing = self._capture_stream = None
 
     def set_sync_debug_mode(self, mode: int | str) -> None:
         self._catch_syncs = mode in (2, "error")
@@ -244,7 +259,8 @@ class StreamSim(TorchDispatchMode):
         monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", sim.set_sync_debug_mode)
         monkeypatch.setattr(torch.cuda, "CUDAGraph", SimGraph)
         monkeypatch.setattr(torch.cuda, "graph", sim.graph)
-        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: sim._capturing is not None)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing",
+                            lambda: sim._capturing is not None and sim.current is sim._capture_stream)
         monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: sim.record_stream(tensor, stream))
         for method in ("tolist", "cpu", "numpy"):  # no op runs for them on CPU: seen here instead
             monkeypatch.setattr(torch.Tensor, method, sim._read_back(getattr(torch.Tensor, method), method))
@@ -285,8 +301,11 @@ class StreamSim(TorchDispatchMode):
         if inputs and not tracked or all(r.alias_info is not None for r in schema.returns) and not mutates:
             return out  # a host op (its results are host memory too), or a view: no kernel runs
         if self._capturing is not None:
-            self._capture(func, args, kwargs, out, tracked)
-            return out
+            if self.current is self._capture_stream:
+                self._capture(func, args, kwargs, out, tracked)
+                return out
+            self.capture_errors.append(f"{func} on {self.current} while {self._capture_stream} captures: it runs "
+                                       f"now and is not in the graph (on the legacy default stream CUDA refuses it)")
         stream, name = self.current, str(func)
         op = stream.tick()
         for argument, tensor in tracked:

@@ -110,5 +110,5 @@ def test_a_groups_life_under_the_overlap_schedulers_streams(tiny_model_path, mon
                 for req in reqs:
                     state.release(req.rid, len(req.output_ids))
             report = state.report()
-    assert sim.races == [] and sim.syncs == [] and sim.mixed == []
+    assert sim.problems() == []
     assert report["groups_created"] == 2 and report["training_steps"] >= 8 and report["warmed_up_tokens"] > 0

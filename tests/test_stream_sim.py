@@ -104,6 +104,21 @@ def test_host_syncs_in_sync_debug_mode(sim):
                                                  "aten.add.Tensor", "Tensor.tolist", "Tensor.cpu"]
 
 
+def test_what_a_capture_refuses_or_leaves_out(sim):
+    source, other = torch.ones(3), torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = source * 2
+        with torch.cuda.stream(other):
+            assert not torch.cuda.is_current_stream_capturing()
+            eager = source * 3  # runs now: a replay does not repeat it
+        torch.cuda.synchronize()
+    source.fill_(5.0)
+    graph.replay()
+    assert captured.tolist() == [10.0] * 3 and eager.tolist() == [3.0] * 3
+    assert [e.split()[0] for e in sim.capture_errors] == ["aten.mul.Tensor", "torch.cuda.synchronize"]
+
+
 def test_host_memory_beside_device_memory_would_raise_on_cuda(sim):
     on_device, host = torch.arange(4.0), torch.tensor([1.0, 2.0, 3.0, 4.0])
     on_device.copy_(host)  # what CUDA allows: a copy, host indices, a 0-dim host scalar
@@ -144,7 +159,7 @@ def _lane_check(monkeypatch, staleness: int) -> None:
 @pytest.mark.parametrize("staleness", [0, 1, 3])
 def test_the_lane_orders_every_access_against_the_forward_stream(sim, monkeypatch, staleness):
     _lane_check(monkeypatch, staleness)
-    assert sim.races == [] and sim.mixed == []
+    assert sim.problems() == []
     assert len(sim.streams) == 3  # default, the forward's, the lane's side stream
 
 
@@ -162,7 +177,7 @@ def test_a_decode_step_on_a_forward_stream_with_the_side_stream_lane(sim, monkey
     _gpu_checks_on_cpu(monkeypatch)
     with torch.cuda.stream(torch.cuda.Stream()):
         gpu_checks.check_decode_step_makes_no_host_sync(form, sharded)
-    assert sim.races == [] and sim.syncs == [] and sim.mixed == []
+    assert sim.problems() == []
     side = sim.streams[-1]
     assert side.clock[side.id] > 100  # the steps' training ran there
 
@@ -178,7 +193,7 @@ def test_a_captured_decode_step_replays_padded(sim, monkeypatch, filter_mode, sh
     """tests/gpu_checks.py's captured decode step: captured through ESamp's capture hooks for 8
     rows, replayed for 3 and 5 with β, slots and weights changed between replays."""
     _captured_check(monkeypatch, filter_mode, sharded)
-    assert sim.races == [] and sim.syncs == [] and sim.mixed == []
+    assert sim.problems() == []
 
 
 def test_a_graph_form_that_rebinds_a_buffer_fails_the_replay_check(sim, monkeypatch):
