@@ -9,6 +9,7 @@ bytes (local memory), shared memory. It runs no kernel: whether the kernel is ri
 interpreter tests and a GPU to say, whether it is fast for a GPU.
 Run:
   .venv/bin/python benchmarks/kernel_build.py [--targets 80 90 100] [--dims 576 4096] [--ranks 32]
+      [--dtypes bfloat16]
 Writes benchmarks/results/kernel_build.json (or --out PATH).
 """
 
@@ -122,13 +123,14 @@ def main() -> None:
     parser.add_argument("--targets", type=int, nargs="+", default=list(TARGETS))
     parser.add_argument("--dims", type=int, nargs="+", default=list(DIMS))
     parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--out", type=Path, help="write here instead of benchmarks/results/kernel_build.json")
     args = parser.parse_args()
     builds = []
     for capability in args.targets:
         for d in args.dims:
             for rank in args.ranks:
-                for dtype in DTYPES:
+                for dtype in args.dtypes:
                     b = build(capability, d, rank, dtype)
                     builds.append(b)
                     print(f"{b['target']:>6} d={d:5d} r={rank:3d} {dtype:8s} {b['registers']:3d} registers, "

@@ -33,13 +33,15 @@ a replay runs them again on the same tensors, on the stream current then — so 
 those tensors hold at that moment, and a tensor rebound after the capture is never seen, as on a
 GPU; Python runs once, at the capture. A host sync or a host-to-device copy inside a capture is
 listed in ``sim.syncs``; a synchronize, or an op on a stream other than the capturing one (no
-fork and join is modelled), in ``sim.capture_errors``. ``tolist()``, ``cpu()`` and ``numpy()`` run no op on CPU; they are
-watched directly and listed when they read device memory. Not seen: ``.to(device)`` (every device
-is the CPU here, so a copy to the host cannot be told from one to the device, and what a factory
-op makes counts as device memory even where the code meant the host, as ``torch.randn`` with a
-CPU generator followed by ``.to(device)``: a pageable copy on CUDA), a graph reading
-memory freed after its capture (the record keeps it alive), kernel timing; code that branches on
-``device.type`` or ``is_cuda`` takes its CPU branch unless told otherwise (``on_cuda_branches``).
+fork and join is modelled), in ``sim.capture_errors``.
+
+``tolist()``, ``cpu()`` and ``numpy()`` run no op on CPU; they are watched directly and listed
+when they read device memory. Not seen: ``.to(device)`` (every device is the CPU here, so a copy
+to the host cannot be told from one to the device, and what a factory op makes counts as device
+memory even where the code meant the host, as ``torch.randn`` with a CPU generator followed by
+``.to(device)``: a pageable copy on CUDA), a graph reading memory freed after its capture (the
+record keeps it alive), kernel timing; code that branches on ``device.type`` or ``is_cuda`` takes
+its CPU branch unless told otherwise (``on_cuda_branches``).
 """
 
 from __future__ import annotations
