@@ -41,6 +41,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 import esamp_sgl.kernels.distill_mix as distill_mix  # noqa: E402
 from esamp_sgl.benchmarks.results_io import save_result  # noqa: E402
+from esamp_sgl.config import ESampConfig  # noqa: E402
+from esamp_sgl.distiller import DistillerBank  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
@@ -103,9 +105,6 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 def build(capability: int, d: int, rank: int, dtype: str) -> dict:
-    from esamp_sgl.config import ESampConfig
-    from esamp_sgl.distiller import DistillerBank
-
     bank = DistillerBank(2, d, ESampConfig(init="random", rank=rank), device=torch.device("cpu"))
     rows = torch.randn(3, d, dtype=getattr(torch, dtype))
     with compiling_for(capability) as kernel:

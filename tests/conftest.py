@@ -43,6 +43,12 @@ def smollm2_path() -> Path:
 SERVER_ENV: dict[str, str | None] = {"TRITON_INTERPRET": None}
 
 
+def child_env(**overrides: str) -> dict[str, str]:
+    """This process's environment for a child process the test starts, less what SERVER_ENV
+    unsets (the flags meant for this process only)."""
+    return {k: v for k, v in os.environ.items() if k not in SERVER_ENV} | overrides
+
+
 def start_server(model: Path, name: str, *flags: str, env: dict[str, str | None] | None = None) -> LaunchedServer:
     return LaunchedServer(str(model), flags, log_path=LOG_DIR / f"{name}.log", env={**SERVER_ENV, **(env or {})})
 

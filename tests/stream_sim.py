@@ -159,7 +159,7 @@ class _Accesses:
 
 class StreamSim(TorchDispatchMode):
     """Use as ``with StreamSim(monkeypatch) as sim:``; afterwards ``sim.races`` lists each
-    access CUDA would not have ordered (empty: none)."""
+    access CUDA would not have ordered, and ``sim.problems()`` everything found (empty: none)."""
 
     active: StreamSim | None = None
 
@@ -294,12 +294,13 @@ class StreamSim(TorchDispatchMode):
         inputs = [(argument, tensor) for argument in schema.arguments for tensor in _tensors(values.get(argument.name))]
         tracked = [(argument, t) for argument, t in inputs if id(t.untyped_storage()) in self._accesses]
         mutates = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        # host memory beside device memory (0-dim host tensors are scalars, which CUDA takes as such)
+        on_host = [t for _, t in inputs if id(t.untyped_storage()) not in self._accesses and t.dim() > 0] \
+            if tracked else []
         if self._catch_syncs and tracked:
-            self._check_sync(func, [t for _, t in inputs], [t for _, t in tracked], values)
-        if tracked and str(func) not in MIXED_DEVICES_ALLOWED:
-            on_host = [t for _, t in inputs if id(t.untyped_storage()) not in self._accesses and t.dim() > 0]
-            if on_host:
-                self.mixed.append(f"{func} takes host memory {tuple(on_host[0].shape)} beside device memory")
+            self._check_sync(func, [t for _, t in tracked], on_host, values)
+        if on_host and str(func) not in MIXED_DEVICES_ALLOWED:
+            self.mixed.append(f"{func} takes host memory {tuple(on_host[0].shape)} beside device memory")
         if inputs and not tracked or all(r.alias_info is not None for r in schema.returns) and not mutates:
             return out  # a host op (its results are host memory too), or a view: no kernel runs
         if self._capturing is not None:
@@ -331,16 +332,14 @@ class StreamSim(TorchDispatchMode):
                 self._accesses[id(tensor.untyped_storage())].in_graph_pool = True
         self._capturing.kernels.append((func, args, kwargs, fresh))
 
-    def _check_sync(self, func: Any, inputs: list[torch.Tensor], on_device: list[torch.Tensor], values: dict) -> None:
+    def _check_sync(self, func: Any, on_device: list[torch.Tensor], on_host: list[torch.Tensor], values: dict) -> None:
         name = str(func)
         mask_index = name.startswith(("aten.index.", "aten.index_put")) and any(
             t.dtype == torch.bool for t in _tensors(values.get("indices")))
         if name in HOST_READS or mask_index:
             self.syncs.append(f"{name} reads device memory {tuple(on_device[0].shape)} back to the host")
-        device_ids = {id(t) for t in on_device}
-        host = [t for t in inputs if id(t) not in device_ids and t.dim() > 0]
-        if host and not (name == "aten.copy_.default" and values.get("non_blocking")):
-            self.syncs.append(f"{name} takes host memory {tuple(host[0].shape)} (a pageable host-to-device copy)")
+        if on_host and not (name == "aten.copy_.default" and values.get("non_blocking")):
+            self.syncs.append(f"{name} takes host memory {tuple(on_host[0].shape)} (a pageable host-to-device copy)")
 
     def _read_back(self, method: Callable, name: str) -> Callable:
         """``Tensor.<name>`` (``tolist``, ``cpu``, ``numpy``) that lists its read of device memory

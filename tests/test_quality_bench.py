@@ -6,7 +6,6 @@ report and its plots."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,13 +15,13 @@ import pytest
 
 from esamp_sgl.base_distiller import base_path, base_stats
 from esamp_sgl.config import ESampConfig
-from tests.conftest import start_server
+from tests.conftest import child_env, start_server
 
 BENCH = [sys.executable, "-m", "esamp_sgl.cli", "bench", "quality"]
 
 
 def _bench(tiny_model_path: Path, results: Path, *stages: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = child_env()
     args = [*stages, "--quick", "--model", str(tiny_model_path), "--tasks", "products", "--recipes", "base-post-halflife16",
             "--tune-recipes", "base-post-halflife16", "--learned-recipes", "base-learned-lr5e-2", "--finalists", "base-learned-lr5e-2",
             "--results-dir", str(results)]
@@ -80,7 +79,7 @@ def test_url_runs_frontier_and_writing_on_a_server_it_did_not_start(tiny_model_p
     results = tmp_path / "mine"
     tasks = 'chain_sum:{"min_terms": 3, "max_terms": 3, "max_digits": 1};gsm_symbolic'
     with start_server(tiny_model_path, "esamp-tiny-bench-url", "--esamp-filter-mode", "post") as server:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env = child_env()
         run = subprocess.run(BENCH + ["--url", server.url, "--quick", "--tasks", tasks, "--problems", "2", "--n", "2",
                                       "--max-tokens", "8", "--results-dir", str(results)],
                              env=env, capture_output=True, text=True, timeout=900)

@@ -5,7 +5,6 @@ NVIDIA GPUs by Triton's own compiler and ptxas, which need no GPU (benchmarks/ke
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from esamp_sgl.config import ESampConfig
 from esamp_sgl.distiller import DistillerBank
 from esamp_sgl.kernels.distill_mix import distill_mix_triton
 from esamp_sgl.latent_step import distill_and_mix_torch
+from tests.conftest import child_env
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -71,8 +71,7 @@ def test_the_kernel_builds_for_each_nvidia_generation_without_spilling(tmp_path)
     (no bytes spilled to local memory) and whose shared memory is far under the 48 KiB any launch
     gets."""
     out = tmp_path / "builds.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # a compile of its own, not an earlier one's cubin
+    env = child_env(TRITON_CACHE_DIR=str(tmp_path / "cache"))  # a compile of its own, not an earlier one's cubin
     subprocess.run([sys.executable, "benchmarks/kernel_build.py", "--dims", "4096", "--ranks", "32", "128",
                     "--dtypes", "bfloat16", "--out", str(out)],
                    env=env, check=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
