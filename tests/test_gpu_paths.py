@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,30 @@ def test_gpu_check_script_runs_without_sglang_and_reports(tmp_path):
     assert set(dry_run) == {"1", "16"} and all(row["training_steps"] > 0 for row in dry_run.values())
     masks = report["overhead_cpu_dry_run"]["candidate_masks"]["ms"]
     assert set(masks) == {"1", "16"} and all(len(paths) == 4 and min(paths.values()) > 0 for paths in masks.values())
+
+
+HANGING_RUN = """
+import argparse, importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("gpu_check", sys.argv[1])
+gpu_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_check)
+def waits_for_an_event_nobody_records():
+    time.sleep(60)
+checks = {"finishes": lambda: None, "skipped_one": lambda: 1 / 0, "hangs": waits_for_an_event_nobody_records,
+          "never_reached": lambda: None}
+args = argparse.Namespace(only="", skip=["skipped"], check_timeout=1.0, out=sys.argv[2])
+gpu_check.run_checks(checks, args, {"checks": {}})
+"""
+
+
+def test_a_hanging_check_ends_the_run_with_its_stack_and_a_report_that_names_it(tmp_path):
+    """On the device every second counts: a check stuck past --check-timeout ends the run, with
+    the stack of where it waits, and the report keeps what finished and names what hung."""
+    out = tmp_path / "report.json"
+    run = subprocess.run([sys.executable, "-c", HANGING_RUN, str(ROOT / "scripts" / "gpu_check.py"), str(out)],
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1, run.stderr
+    assert "waits_for_an_event_nobody_records" in run.stderr  # faulthandler's stack dump
+    checks = json.loads(out.read_text())["checks"]
+    assert checks["finishes"]["status"] == "passed" and checks["hangs"]["status"] == "running"
+    assert "skipped_one" not in checks and "never_reached" not in checks
