@@ -28,16 +28,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import bare_packages  # noqa: E402
 
 
 def load_without_package_inits() -> types.ModuleType:
-    """tests/gpu_checks.py with esamp_sgl, runtime_patch and tests as bare namespaces: the
-    package's own __init__ enables SGLang's frontend, which a bare GPU machine does not have,
-    and the checks need only the engine-agnostic core and the scheduler state."""
-    for name in ("esamp_sgl", "runtime_patch", "tests"):
-        package = types.ModuleType(name)
-        package.__path__ = [str(ROOT / name)]
-        sys.modules[name] = package
+    """tests/gpu_checks.py with esamp_sgl, runtime_patch and tests as bare namespaces
+    (scripts/bare_packages.py)."""
+    bare_packages.register(ROOT)
     spec = importlib.util.spec_from_file_location("tests.gpu_checks", ROOT / "tests" / "gpu_checks.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["tests.gpu_checks"] = module

@@ -12,6 +12,9 @@ Each check would fail on a GPU if the defect it names came back:
   batch, the LM head projecting [h; ĥ] in one pass over padded vocabulary rows with a softcap),
   replayed for fewer live rows than captured, with β, slots and weights changed between replays;
 - the fused Triton kernel against its torch reference in fp16 and bf16 at d = 576 and 4096;
+- the base distiller trained on the GPU (as well as on the CPU), and built as ``esamp-sgl serve``
+  builds it: in a child that loads a model in bf16 over the GPUs and, on exit, gives back all the
+  memory it took (needs transformers, tokenizers and accelerate, as the GPU machine has);
 - the lane and decode-step checks again under PyTorch's CUDA sanitizer ("csan:").
 The checks marked ",tp" run the step in its tensor-parallel form (groups sharded over the ranks,
 distill_and_mix_sharded) as the one rank of a group of 1: one GPU cannot run a real all-reduce.
@@ -23,7 +26,13 @@ padding and softcap — SGLang itself is not on the GPU machine these checks are
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -36,6 +45,7 @@ from esamp_sgl.transfer import to_device
 
 D, VOCAB, VOCAB_PADDED, SOFTCAP = 64, 300, 320, 3.0
 CUDA = torch.device("cuda")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _rows(n: int, seed: int, d: int = D) -> torch.Tensor:
@@ -229,6 +239,74 @@ def check_captured_decode_step_replays_padded(filter_mode: str, sharded: bool = 
     assert state.counters.graph_steps == 2
 
 
+# --- the base distiller's build: trained on the GPU, in a child that gives the GPU back ----------
+
+def _learnable_states(d: int, rows: int = 2000):
+    """(shallow, deep) rows whose map a distiller can learn, the last tenth held out."""
+    from esamp_sgl.base_distiller import States
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, d, generator=gen)
+    h = torch.nn.functional.layer_norm(x + torch.tanh(x @ (torch.randn(d, d, generator=gen) / d**0.5)) * 2, (d,))
+    return States(x, h, torch.arange(rows) >= rows - rows // 10, 0.0)
+
+
+def check_base_training_on_the_gpu() -> None:
+    """The base distiller trains where the GPU is (not for minutes on one CPU thread), and fits as
+    well as the same seed's training on the CPU."""
+    from esamp_sgl import base_distiller
+
+    states, cfg, steps = _learnable_states(256), ESampConfig(init="base", rank=32), base_distiller.TRAIN_STEPS
+    base_distiller.TRAIN_STEPS = 150
+    try:
+        on_gpu, gpu_error = base_distiller.train_base(states, cfg, device=CUDA)
+        _, cpu_error = base_distiller.train_base(states, cfg, device=torch.device("cpu"))
+    finally:
+        base_distiller.TRAIN_STEPS = steps
+    assert all(w.device.type == "cpu" for w in on_gpu.values())  # saved from the host
+    assert gpu_error < 0.5 and abs(gpu_error - cpu_error) < 0.05, (gpu_error, cpu_error)
+
+
+BUILD_IN_A_CHILD = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, str(Path(sys.argv[1]) / "scripts"))
+import bare_packages
+bare_packages.register(Path(sys.argv[1]))
+import torch
+from esamp_sgl import base_distiller
+from esamp_sgl.config import ESampConfig
+from esamp_sgl.models import write_tiny_model
+base_distiller.TRAIN_STEPS = 100
+model = write_tiny_model(Path(sys.argv[2]) / "tiny-llama", layers=2)
+stats = base_distiller.ensure_base(model, ESampConfig(init="base"), dtype=sys.argv[3])
+used = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+print(json.dumps({"rows": stats.rows, "error": stats.held_out_relative_error, "gpu_bytes": used}))
+"""
+
+
+def check_base_build_in_a_child_gives_the_gpu_back() -> None:
+    """As ``esamp-sgl serve`` builds it before SGLang starts: a child loads the model in the
+    serving dtype (bf16) with accelerate's placement over the visible GPUs, collects the states,
+    trains, writes the cache and exits; the GPU's free memory is then what it was before."""
+    with tempfile.TemporaryDirectory() as folder:
+        on_gpu = CUDA.type == "cuda"
+        if on_gpu:
+            torch.cuda.synchronize()
+            free_before = torch.cuda.mem_get_info()[0]
+        env = {**os.environ, "ESAMP_SGL_CACHE": folder}
+        run = subprocess.run([sys.executable, "-c", BUILD_IN_A_CHILD, str(ROOT), folder, "bfloat16"], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-4000:]
+        built = json.loads(run.stdout.strip().splitlines()[-1])
+        assert built["rows"] > 0 and 0 <= built["error"] < 2, built
+        assert list(Path(folder, "base-distillers").glob("*/esamp-base-embed-r32.safetensors"))
+        if on_gpu:
+            assert built["gpu_bytes"] > 0, "the build did not run on the GPU"
+            free_after = torch.cuda.mem_get_info()[0]
+            assert abs(free_after - free_before) < 64 << 20, (free_before, free_after)
+
+
 # --- the fused kernel, compiled for real ---------------------------------------------------------
 
 def check_triton_kernel(dtype: torch.dtype, d: int) -> None:
@@ -274,6 +352,8 @@ CHECKS: dict[str, Callable[[], None]] = {
     **{f"captured_decode_step_replays_padded[{mode}{',tp' if tp else ''}]":
        (lambda mode=mode, tp=tp: check_captured_decode_step_replays_padded(mode, tp))
        for mode in ("pre", "post") for tp in (False, True)},
+    "base_training_on_the_gpu": check_base_training_on_the_gpu,
+    "base_build_in_a_child_gives_the_gpu_back": check_base_build_in_a_child_gives_the_gpu_back,
     **{f"triton_kernel[{str(dt).split('.')[-1]},d={d}]": (lambda dt=dt, d=d: check_triton_kernel(dt, d))
        for dt in (torch.float16, torch.bfloat16) for d in (576, 4096)},
 }

@@ -34,6 +34,16 @@ def test_triton_check_under_the_interpreter(name, monkeypatch):
     CHECKS[name]()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, test_gpu_check runs them on the GPU")
+@pytest.mark.parametrize("name", [name for name in CHECKS if name.startswith("base_")])
+def test_base_build_check_on_the_cpu(name, monkeypatch):
+    """The base-build checks' own code, on the CPU: the training on both devices, and a child
+    that builds from a tiny Llama in bf16 with the project's packages bare, as on the GPU
+    machine (what only the GPU shows, the memory given back, is left out)."""
+    monkeypatch.setattr(gpu_checks, "CUDA", torch.device("cpu"))
+    CHECKS[name]()
+
+
 def test_gpu_check_script_runs_without_sglang_and_reports(tmp_path):
     out = tmp_path / "gpu_check.json"
     # The GPU machine has no SGLang: make importing it fail in the script's interpreter.
