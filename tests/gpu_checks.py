@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,6 +42,7 @@ from esamp_sgl.config import ESampConfig
 from esamp_sgl.distiller import DistillerBank, distiller_forward
 from esamp_sgl.lane import CudaStreamLane, DeferredLane
 from esamp_sgl.latent_step import distill_and_mix_torch
+from esamp_sgl.mix import novelty
 from esamp_sgl.transfer import to_device
 
 D, VOCAB, VOCAB_PADDED, SOFTCAP = 64, 300, 320, 3.0
@@ -256,15 +258,18 @@ def check_base_training_on_the_gpu() -> None:
     well as the same seed's training on the CPU."""
     from esamp_sgl import base_distiller
 
-    states, cfg, steps = _learnable_states(256), ESampConfig(init="base", rank=32), base_distiller.TRAIN_STEPS
+    d, steps = 256, base_distiller.TRAIN_STEPS
+    states, cfg = _learnable_states(d), ESampConfig(init="base", rank=32)
     base_distiller.TRAIN_STEPS = 150
     try:
         on_gpu, gpu_error = base_distiller.train_base(states, cfg, device=CUDA)
         _, cpu_error = base_distiller.train_base(states, cfg, device=torch.device("cpu"))
     finally:
         base_distiller.TRAIN_STEPS = steps
+    held_out = states.held_out  # against ĥ = LayerNorm(x), where the distiller starts
+    untrained = float(novelty(states.h[held_out], torch.nn.functional.layer_norm(states.x[held_out], (d,))).mean())
     assert all(w.device.type == "cpu" for w in on_gpu.values())  # saved from the host
-    assert gpu_error < 0.5 and abs(gpu_error - cpu_error) < 0.05, (gpu_error, cpu_error)
+    assert gpu_error < 0.75 * untrained and abs(gpu_error - cpu_error) < 0.05, (gpu_error, cpu_error, untrained)
 
 
 BUILD_IN_A_CHILD = """
@@ -303,6 +308,9 @@ def check_base_build_in_a_child_gives_the_gpu_back() -> None:
         assert list(Path(folder, "base-distillers").glob("*/esamp-base-embed-r32.safetensors"))
         if on_gpu:
             assert built["gpu_bytes"] > 0, "the build did not run on the GPU"
+            deadline = time.monotonic() + 10  # the driver may finish the child's teardown a moment later
+            while abs(torch.cuda.mem_get_info()[0] - free_before) >= 64 << 20 and time.monotonic() < deadline:
+                time.sleep(0.2)
             free_after = torch.cuda.mem_get_info()[0]
             assert abs(free_after - free_before) < 64 << 20, (free_before, free_after)
 
