@@ -243,14 +243,14 @@ def check_captured_decode_step_replays_padded(filter_mode: str, sharded: bool = 
 
 # --- the base distiller's build: trained on the GPU, in a child that gives the GPU back ----------
 
-def _learnable_states(d: int, rows: int = 2000):
-    """(shallow, deep) rows whose map a distiller can learn, the last tenth held out."""
+def learnable_states(d: int, rows: int = 2000):
+    """(shallow, deep) rows whose map a distiller can learn, the first tenth held out."""
     from esamp_sgl.base_distiller import States
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, d, generator=gen)
     h = torch.nn.functional.layer_norm(x + torch.tanh(x @ (torch.randn(d, d, generator=gen) / d**0.5)) * 2, (d,))
-    return States(x, h, torch.arange(rows) >= rows - rows // 10, 0.0)
+    return States(x, h, torch.arange(rows) < rows // 10, 0.0)
 
 
 def check_base_training_on_the_gpu() -> None:
@@ -259,7 +259,7 @@ def check_base_training_on_the_gpu() -> None:
     from esamp_sgl import base_distiller
 
     d, steps = 256, base_distiller.TRAIN_STEPS
-    states, cfg = _learnable_states(d), ESampConfig(init="base", rank=32)
+    states, cfg = learnable_states(d), ESampConfig(init="base", rank=32)
     base_distiller.TRAIN_STEPS = 150
     try:
         on_gpu, gpu_error = base_distiller.train_base(states, cfg, device=CUDA)
