@@ -89,17 +89,25 @@ class LaunchedServer:
             self._log.flush()
         return self.log_path.read_text(errors="replace")[-chars:]
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """Ask the server's whole process group to stop (SIGTERM) and return at once; SGLang
+        takes about 5 s to shut down. ``stop()`` waits for it."""
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.process.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        self.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=10)
         self._log.close()
 
     def __enter__(self) -> "LaunchedServer":

@@ -54,7 +54,7 @@ def start_server(model: Path, name: str, *flags: str, env: dict[str, str | None]
 
 
 def launch(model: Path, name: str, *flags: str, env: dict[str, str | None] | None = None) -> Iterator[LaunchedServer]:
-    with start_server(model, name, *flags, env=env) as server:
+    with launch_side_by_side((model, name, *flags), env=env) as (server,):
         yield server
 
 
@@ -62,7 +62,7 @@ def launch(model: Path, name: str, *flags: str, env: dict[str, str | None] | Non
 def launch_side_by_side(*specs: tuple, env: dict[str, str | None] | None = None) -> Iterator[list[LaunchedServer]]:
     """Servers started at once, one per ``(model, name, *flags)``, each with ``env``: their
     startups (mostly one core's imports and loading) overlap. If one fails, the others are
-    stopped and its error raised."""
+    stopped and its error raised. On exit they are told to stop (``stop_soon``)."""
     with ThreadPoolExecutor(len(specs)) as pool:
         futures = [pool.submit(start_server, *spec, env=env) for spec in specs]
     started = [f.result() for f in futures if f.exception() is None]
@@ -71,8 +71,26 @@ def launch_side_by_side(*specs: tuple, env: dict[str, str | None] | None = None)
             raise next(f.exception() for f in futures if f.exception() is not None)
         yield started
     finally:
-        with ThreadPoolExecutor(len(specs)) as pool:  # each stop waits ≈ 5 s for SGLang's shutdown
-            list(pool.map(LaunchedServer.stop, started))
+        stop_soon(*started)
+
+
+_stopping: list[LaunchedServer] = []
+
+
+def stop_soon(*servers: LaunchedServer) -> None:
+    """Tell ``servers`` to stop and go on: SGLang takes ≈ 5 s to shut a server down (its
+    watchdog's poll), far less than the next server takes to start, so the suite does not wait
+    for each; ``_stopped_servers_reaped`` waits for them all at the end."""
+    for server in servers:
+        server.terminate()
+        _stopping.append(server)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stopped_servers_reaped() -> Iterator[None]:
+    yield
+    for server in _stopping:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

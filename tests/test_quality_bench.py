@@ -15,7 +15,7 @@ import pytest
 
 from esamp_sgl.base_distiller import base_path, base_stats
 from esamp_sgl.config import ESampConfig
-from tests.conftest import child_env, start_server
+from tests.conftest import child_env, launch_side_by_side
 
 BENCH = [sys.executable, "-m", "esamp_sgl.cli", "bench", "quality"]
 
@@ -78,7 +78,7 @@ def test_url_runs_frontier_and_writing_on_a_server_it_did_not_start(tiny_model_p
     """What a user runs against their own GPU server: any reasoning-gym dataset, with a config."""
     results = tmp_path / "mine"
     tasks = 'chain_sum:{"min_terms": 3, "max_terms": 3, "max_digits": 1};gsm_symbolic'
-    with start_server(tiny_model_path, "esamp-tiny-bench-url", "--esamp-filter-mode", "post") as server:
+    with launch_side_by_side((tiny_model_path, "esamp-tiny-bench-url", "--esamp-filter-mode", "post")) as (server,):
         env = child_env()
         run = subprocess.run(BENCH + ["--url", server.url, "--quick", "--tasks", tasks, "--problems", "2", "--n", "2",
                                       "--max-tokens", "8", "--results-dir", str(results)],

@@ -19,7 +19,7 @@ from esamp_sgl.benchmarks.parity import first_divergence, top_two_gap
 from esamp_sgl.launcher import LaunchedServer
 from esamp_sgl.router_route import ROUTING_KEY
 from runtime_patch.scheduler_state import FAULT_GROUP_PREFIX, FAULTS_ENV
-from tests.conftest import LaunchedRouter, launch_side_by_side, start_server
+from tests.conftest import LaunchedRouter, launch_side_by_side
 from tests.server_helpers import GREEDY, N_TOKENS, PROMPTS, complete_in_group, esamp_stats, explore, gen, post
 
 FLAGS = ("--esamp-init", "random", "--esamp-lr", "0.05", "--esamp-warmup-steps", "2")  # warm-up: rank-local training
@@ -76,8 +76,8 @@ def test_tp2_in_graph_form_explores_as_tp1(servers, tiny_model_path):
     """The decode step in the form a captured CUDA graph replays (distill_and_mix_sharded inside
     GraphRows, the all-reduce in the step) at TP 2, against the eager TP 1 server."""
     tp1, _ = servers
-    with start_server(tiny_model_path, "esamp-tiny-tp2-graph", *FLAGS, "--tp-size", "2",
-                      "--esamp-decode-path", "graph") as graph_tp2:
+    with launch_side_by_side((tiny_model_path, "esamp-tiny-tp2-graph", *FLAGS, "--tp-size", "2",
+                              "--esamp-decode-path", "graph")) as (graph_tp2,):
         for case, sampling in (("greedy", dict(GREEDY)),
                                ("seeded-post-path", {"temperature": 1.0, "top_k": 8, "max_new_tokens": N_TOKENS,
                                                      "ignore_eos": True, "seed": 7})):
