@@ -154,8 +154,14 @@ class CudaStreamLane(DeferredLane):
     def submit(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor | list[int],
                owners: list | None = None) -> None:
         super().submit(x, h, slot, owners)  # copies on main, ordered before main's next forward
-        self._queue[-1].ready = torch.cuda.Event()
-        self._queue[-1].ready.record(self._main())
+        job = self._queue[-1]
+        # The side stream reads them later. Marked before `ready` is recorded: record_stream is
+        # in-place by its schema, and some releases of PyTorch's CUDA sanitizer count it as a write
+        # on the current stream, which the side stream's read would then race.
+        job.x.record_stream(self.side)
+        job.h.record_stream(self.side)
+        job.ready = torch.cuda.Event()
+        job.ready.record(self._main())
         self._launch_ready()
 
     def flush(self) -> None:
@@ -194,8 +200,6 @@ class CudaStreamLane(DeferredLane):
             self._launch(job, self._published_events[job.step + self.staleness])
 
     def _launch(self, job: Job, gate: torch.cuda.Event | None) -> None:
-        job.x.record_stream(self.side)
-        job.h.record_stream(self.side)
         with torch.cuda.stream(self.side):
             self.side.wait_event(job.ready)
             if gate is not None:

@@ -241,6 +241,12 @@ class SchedulerState:
         with self.timed("training"), self.rank_local():
             self.lane.begin_step()
 
+    def submit_training(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor, step: StepRows) -> None:
+        """Queue the step's rows for training (this rank's groups: rank_local). Under TP a failure
+        here must not change the rank's tokens: the step's mixed rows, already all-reduced, stand."""
+        with self.timed("training"), self.rank_local():
+            self.lane.submit(self.training_inputs(x, step.group), h, slot, step.owner)
+
     def training_inputs(self, x: torch.Tensor, groups: list) -> torch.Tensor:
         """``x`` as training receives it: unchanged, unless FAULTS_ENV names "nonfinite" and a
         row's group is a NONFINITE_GROUP_PREFIX one (then that row is NaN)."""
@@ -394,8 +400,7 @@ class SchedulerState:
                                                                 start=self.bank.template, on_error=self.rank_error)
             out = hidden.clone()
             out.index_copy_(0, rows, h_mix)
-        with self.timed("training"):
-            self.lane.submit(self.training_inputs(x, step.group), h, slot, step.owner)
+        self.submit_training(x, h, slot, step)
         self.counters.steps += 1
         return out, h_hat, self._token_info(step, x, h, h_hat, novelty)
 
@@ -527,9 +532,7 @@ class SchedulerState:
             return output
         n = len(step.slot)
         snap = self.graph_rows.rows(n)
-        with self.timed("training"):
-            self.lane.submit(self.training_inputs(snap.x, step.group), snap.h,
-                             torch.tensor(step.bank_slot, dtype=torch.int64), step.owner)
+        self.submit_training(snap.x, snap.h, torch.tensor(step.bank_slot, dtype=torch.int64), step)
         if self.cfg.filter_mode == "post":
             if amateur is None:
                 self.counters.amateur_second_pass += 1

@@ -18,6 +18,7 @@ import argparse
 import faulthandler
 import importlib.util
 import json
+import os
 import platform
 import sys
 import time
@@ -86,11 +87,13 @@ def run_checks(checks: dict, args: argparse.Namespace, report: dict) -> None:
                 check()
                 entry = {"status": "passed"}
             except Exception:
-                entry = {"status": "failed", "error": traceback.format_exc(limit=8)}
+                entry = {"status": "failed", "error": traceback.format_exc()}
         entry["seconds"] = round(time.perf_counter() - start, 3)
         report["checks"][name] = entry
         write(report, args.out)  # a run stopped at its time limit keeps what it finished
         print(f"{entry['status']:>7}  {entry['seconds']:7.2f} s  {name}", flush=True)
+        if entry["status"] == "failed":  # the whole stack: the op that synced is the deepest frame
+            print(entry["error"], flush=True)
 
 
 def run_overhead(overhead: types.ModuleType, args: argparse.Namespace, report: dict) -> None:
@@ -102,7 +105,7 @@ def run_overhead(overhead: types.ModuleType, args: argparse.Namespace, report: d
         try:
             report["overhead_llama7b"] = overhead.measure()
         except Exception:
-            report["overhead_llama7b"] = {"status": "failed", "error": traceback.format_exc(limit=8)}
+            report["overhead_llama7b"] = {"status": "failed", "error": traceback.format_exc()}
             print("overhead_llama7b failed:\n" + report["overhead_llama7b"]["error"], flush=True)
             return
     report["overhead_llama7b"]["seconds"] = round(time.perf_counter() - start, 1)
@@ -116,7 +119,10 @@ def run_overhead(overhead: types.ModuleType, args: argparse.Namespace, report: d
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
+    # on the device machine only $OUT comes back
+    default_out = Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else \
+        ROOT / "benchmarks" / "results" / "gpu_check.json"
+    parser.add_argument("--out", default=str(default_out))
     parser.add_argument("--only", default="", help="run only the checks whose name holds this")
     parser.add_argument("--skip", action="append", default=[], help="skip the checks whose name holds this")
     parser.add_argument("--check-timeout", type=float, default=180.0,

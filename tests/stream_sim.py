@@ -163,7 +163,10 @@ class StreamSim(TorchDispatchMode):
 
     active: StreamSim | None = None
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, honour_record_stream: bool = True) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, honour_record_stream: bool = True,
+                 record_stream_writes: bool = False) -> None:
+        """``record_stream_writes``: count ``record_stream`` as a write on the current stream, as
+        some releases of PyTorch's CUDA sanitizer do (its schema is in-place)."""
         super().__init__()
         self.host_clock: Clock = {}
         self.streams: list[SimStream] = []
@@ -179,6 +182,7 @@ class StreamSim(TorchDispatchMode):
         self._accesses: dict[int, _Accesses] = {}
         self._finalizers: list[weakref.finalize] = []
         self._honour_record_stream = honour_record_stream
+        self._record_stream_writes = record_stream_writes
         self._patch(monkeypatch)
 
     def new_stream(self, name: str | None = None) -> SimStream:
@@ -218,6 +222,8 @@ class StreamSim(TorchDispatchMode):
         entry = self._accesses.get(id(tensor.untyped_storage()))
         if entry is not None and self._honour_record_stream:
             entry.recorded.add(stream.id)
+        if entry is not None and self._record_stream_writes:
+            self._access(tensor, self.current, self.current.tick(), "record_stream", write=True)
 
     def place(self, tensors: Iterable[torch.Tensor]) -> None:
         """Tensors made before the model began (a model's weights, say) as device memory written on

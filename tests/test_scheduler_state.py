@@ -112,3 +112,24 @@ def test_a_groups_life_under_the_overlap_schedulers_streams(tiny_model_path, mon
             report = state.report()
     assert sim.problems() == []
     assert report["groups_created"] == 2 and report["training_steps"] >= 8 and report["warmed_up_tokens"] > 0
+
+
+@torch.no_grad()
+def test_a_tp_ranks_failed_training_submit_leaves_its_tokens_alone(tiny_model_path, monkeypatch):
+    """The step's ĥ was all-reduced before the rows are queued for training: a failure there on
+    one rank must not turn that rank's step plain (its logits would then differ from the other
+    ranks'); it is counted, and the step's mixed rows stand."""
+    model = LlamaForCausalLM.from_pretrained(str(tiny_model_path)).eval()
+    state = SchedulerState(ESampConfig(init="random"), model, torch.device("cpu"), str(tiny_model_path),
+                           shard=GroupShard(0, 1), all_reduce=lambda t: t, agreed_clock=lambda: 0.0)
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(state.lane, "submit", refused)
+    state.begin_batch([_request("r", 1.0)])
+    hidden = torch.randn(1, state.bank.d)
+    mixed, _, info = state.mix(torch.arange(1), hidden, None, torch.arange(1))
+    assert not torch.equal(mixed, hidden) and info[0] is not None
+    assert state.counters.hook_errors == 1
+    state.end_batch()

@@ -215,3 +215,26 @@ def test_job_inputs_without_record_stream_are_freed_under_the_side_stream(monkey
     with StreamSim(monkeypatch, honour_record_stream=False) as sim:
         _lane_check(monkeypatch, 1)
     assert any("freed" in race for race in sim.races), sim.races[:3]
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_the_lane_holds_where_record_stream_counts_as_a_write(monkeypatch, staleness):
+    """The GPU check's CUDA-sanitizer runs meet whatever PyTorch the machine has; in some releases
+    the sanitizer takes record_stream for a write on the current stream."""
+    with StreamSim(monkeypatch, record_stream_writes=True) as sim:
+        _lane_check(monkeypatch, staleness)
+    assert sim.problems() == []
+
+
+def test_an_error_tp_contains_still_fails_the_decode_step_check(sim, monkeypatch):
+    """Under TP a rank's error is contained (counted, its rows served plain), and its training
+    goes on; the GPU check must still fail on it, as on a sync that sync-debug mode raises."""
+    from esamp_sgl import latent_step
+
+    def sync_refused(*args, **kwargs):
+        raise RuntimeError("called a synchronizing CUDA operation")
+
+    _gpu_checks_on_cpu(monkeypatch)
+    monkeypatch.setattr(latent_step, "predict", sync_refused)
+    with pytest.raises(AssertionError), torch.cuda.stream(torch.cuda.Stream()):
+        gpu_checks.check_decode_step_makes_no_host_sync("eager", sharded=True)
