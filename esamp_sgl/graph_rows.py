@@ -46,9 +46,10 @@ class GraphRows:
         self.novelty = torch.zeros(max_rows, dtype=torch.float32, device=device)
         self._live = 0  # rows [0, _live) hold a step's β; the rest are zero
         self._pin = device.type == "cuda"
-        # Post-filter: each captured graph's L(ĥ) output, keyed by the address of the logits
-        # buffer the graph was captured with (a replay returns a slice of that buffer).
-        self.amateur_by_logits: dict[int, torch.Tensor] = {}
+        # Post-filter: where the captured graphs' LM head writes L([h; ĥ]) (paired_logits), and
+        # each graph's L(ĥ) rows in it, keyed by the graph's (padded) batch size.
+        self._paired_logits: torch.Tensor | None = None
+        self.amateur_by_rows: dict[int, torch.Tensor] = {}
 
     def load(self, beta: list[float], slot: list[int]) -> None:
         """Before a step: β and bank slot of the live rows (host lists, row i = batch row i; slot
@@ -94,9 +95,21 @@ class GraphRows:
         self.novelty[:n].copy_(novelty)
         return h_mix if mix else h
 
-    def captured_amateur(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """The L(ĥ) the graph that produced ``logits`` computed beside them (None if unknown)."""
-        return self.amateur_by_logits.get(logits.data_ptr())
+    def paired_logits(self, rows: int, like: torch.Tensor) -> torch.Tensor | None:
+        """The logits buffer for an LM-head pass over [h; ĥ] (``rows`` = 2n) in a decode graph:
+        one buffer of 2·max_rows rows that every captured graph writes, as they all write SGLang's
+        own logits buffer (``like``: its width and dtype), which 2n rows do not fit. Without it
+        SGLang gives each graph a fresh [2n, V] fp32 output that the graph keeps for good: for
+        SGLang's batch sizes up to 256 and a 152k vocabulary, ≈ 5 GB. None if ``rows`` exceed it."""
+        if rows > 2 * self.max_rows:
+            return None
+        if self._paired_logits is None or self._paired_logits.shape[1:] != like.shape[1:]:
+            self._paired_logits = torch.empty(2 * self.max_rows, *like.shape[1:], dtype=like.dtype, device=like.device)
+        return self._paired_logits[:rows]
+
+    def captured_amateur(self, rows: int) -> torch.Tensor | None:
+        """The L(ĥ) the graph captured for ``rows`` (padded) rows computes (None if unknown)."""
+        return self.amateur_by_rows.get(rows)
 
     def rows(self, n: int) -> Snapshot:
         """After a step: the first ``n`` (live) rows it wrote."""

@@ -196,8 +196,9 @@ def around_decode_replay(original: Any, graph_runner: Any, forward_batch: Any, *
     buffers, replay, then (eagerly, before the sampler) train, post-filter and report.
 
     Assumes ``execute`` replays the whole model forward, logits processor included, and returns
-    the LogitsProcessorOutput sliced to the live rows (its logits a slice of the captured
-    buffer), in ``batch.reqs`` order.
+    the LogitsProcessorOutput sliced to the live rows, in ``batch.reqs`` order, and that
+    ``graph_runner.bs`` is then the replayed graph's padded batch size (``replay_prepare`` sets
+    it), which finds the graph's L(ĥ) rows; without it L(ĥ) takes a second pass.
     """
     if _state is None or not _state.graph_captured:
         return original(graph_runner, forward_batch, *args, **kwargs)
@@ -208,7 +209,7 @@ def around_decode_replay(original: Any, graph_runner: Any, forward_batch: Any, *
     output = original(graph_runner, forward_batch, *args, **kwargs)
     result = output
     with _state.timed(), _state.contained("after_replay"):
-        amateur = _state.graph_rows.captured_amateur(output.next_token_logits)
+        amateur = _state.graph_rows.captured_amateur(getattr(graph_runner, "bs", -1))
         result = _state.after_replay(output, forward_batch.sampling_info, amateur,
                                      lambda h_hat: second_pass_amateur(h_hat, forward_batch))
     return result
@@ -340,16 +341,27 @@ def lm_head_with_amateur(original: Any, processor: Any, hidden_states: torch.Ten
     the padded vocabulary cut to ``vocab_size``, ``logit_scale``, final-logit softcapping and
     the tensor-parallel all-gather all apply to L(ĥ) exactly as to L(h).
 
-    Assumes ``_get_logits`` maps rows to rows (true without DP attention, which ESamp refuses)
-    and falls back to SGLang's fresh output tensors when the row count differs from its
-    preallocated logits buffer (``_compute_lm_head`` / ``_copy_logits_to_buffer`` check shapes).
+    Assumes ``_get_logits`` maps rows to rows (true without DP attention, which ESamp refuses),
+    and writes its fp32 logits into ``logits_metadata.next_token_logits_buffer`` where that buffer
+    has their shape, else into a fresh tensor (``_compute_lm_head`` / ``_copy_logits_to_buffer``).
+    A decode graph's buffer has n rows; while one is captured the pass gets 2n rows of ESamp's
+    own shared buffer instead (GraphRows.paired_logits), so that no graph keeps a fresh output.
     """
     h_hat = _state.lm_head_rows(hidden_states.shape[0]) if _state is not None else None
     if h_hat is None:
         return original(processor, hidden_states, lm_head, logits_metadata, *args, **kwargs)
     n = hidden_states.shape[0]
-    both = original(processor, torch.cat([hidden_states, h_hat.to(hidden_states.dtype)]), lm_head, logits_metadata,
-                    *args, **kwargs)
+    both_rows = torch.cat([hidden_states, h_hat.to(hidden_states.dtype)])
+    shared = getattr(logits_metadata, "next_token_logits_buffer", None)
+    paired = _state.graph_rows.paired_logits(2 * n, shared) if _state.capturing and shared is not None else None
+    if paired is None:
+        both = original(processor, both_rows, lm_head, logits_metadata, *args, **kwargs)
+    else:
+        logits_metadata.next_token_logits_buffer = paired
+        try:
+            both = original(processor, both_rows, lm_head, logits_metadata, *args, **kwargs)
+        finally:
+            logits_metadata.next_token_logits_buffer = shared
     _state.keep_amateur(both[n:])
     return both[:n]
 

@@ -503,11 +503,11 @@ class SchedulerState:
         return out
 
     def captured_output(self, output) -> None:
-        """Inside a capture, after the logits processor: the graph's L(ĥ) buffer, found again
-        after each replay by the address of the logits it was captured with."""
+        """Inside a capture, after the logits processor: the graph's L(ĥ) rows, found again after
+        each replay by the graph's batch size (the rows of the logits it is captured with)."""
         amateur = self.take_amateur()
         if amateur is not None and is_capturing(self.device):
-            self.graph_rows.amateur_by_logits[output.next_token_logits.data_ptr()] = amateur
+            self.graph_rows.amateur_by_rows[output.next_token_logits.shape[0]] = amateur
 
     def before_replay(self, rows: int) -> None:
         """Before a decode graph replays for ``rows`` live rows: the training the lane owes this

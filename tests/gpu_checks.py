@@ -137,12 +137,21 @@ def _sampling(n: int, top_k: int = 20) -> SimpleNamespace:
                            need_top_k_sampling=True, need_top_p_sampling=False, need_min_p_sampling=False)
 
 
-def _lm_head(state, head, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head as ESamp's hook wraps it (one pass over [h; ĥ] where the post-filter armed ĥ)."""
+def _lm_head(state, head, hidden: torch.Tensor, logits_buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """The LM head as ESamp's hook wraps it (one pass over [h; ĥ] where the post-filter armed ĥ).
+    Its logits land in ``logits_buffer`` where that has their shape, else in a fresh tensor, as
+    in SGLang 0.5.23's LogitsProcessor._copy_logits_to_buffer (a decode graph's buffer)."""
     from runtime_patch import hooks
 
+    def get_logits(_processor, h: torch.Tensor, _head, metadata) -> torch.Tensor:
+        logits, buffer = head(h), metadata.next_token_logits_buffer
+        if buffer is None or buffer.shape != logits.shape:
+            return logits
+        buffer.copy_(logits)
+        return buffer
+
     hooks._state = state
-    return hooks.lm_head_with_amateur(lambda _p, h, _head, _md: head(h), None, hidden, None, None)
+    return hooks.lm_head_with_amateur(get_logits, None, hidden, None, SimpleNamespace(next_token_logits_buffer=logits_buffer))
 
 
 def check_decode_step_makes_no_host_sync(form: str, sharded: bool = False) -> None:
@@ -182,45 +191,55 @@ def check_decode_step_makes_no_host_sync(form: str, sharded: bool = False) -> No
 
 
 def check_captured_decode_step_replays_padded(filter_mode: str, sharded: bool = False) -> None:
-    """Captured for 8 rows as SGLang's capture hooks bracket it, replayed for 3 and 5 live rows."""
+    """Captured for 8 and 4 rows as SGLang's capture hooks bracket it (largest first, inputs and
+    logits buffer shared), replayed for 3 and 5 live rows. No graph keeps logits of its own: as
+    SGLang's graphs share one logits buffer, ESamp's share one for [h; ĥ] (post-filter)."""
     from esamp_sgl.mix import candidate_mask, post_filter_logits
 
-    max_rows, state = 8, _state(filter_mode, sharded=sharded)
+    max_rows, sizes, state = 8, (8, 4), _state(filter_mode, sharded=sharded)
     weight = torch.randn(VOCAB_PADDED, D, device=CUDA) * 0.3
     head = _head(weight)
     static_ids = torch.zeros(max_rows, dtype=torch.int64, device=CUDA)
     static_h = torch.zeros(max_rows, D, dtype=torch.bfloat16, device=CUDA)
+    shared_logits = torch.zeros(max_rows, VOCAB, device=CUDA)  # SGLang's logits buffer for its graphs
 
-    def forward() -> SimpleNamespace:
-        mixed = state.graph_step(static_ids, static_h, None)
-        output = SimpleNamespace(next_token_logits=_lm_head(state, head, mixed), customized_info=None)
+    def forward(rows: int) -> SimpleNamespace:
+        mixed = state.graph_step(static_ids[:rows], static_h[:rows], None)
+        logits = _lm_head(state, head, mixed, shared_logits[:rows])
+        output = SimpleNamespace(next_token_logits=logits, customized_info=None)
         state.captured_output(output)
         return output
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # SGLang's warm-up runs before the capture
-        state.begin_capture(max_rows)
-        forward()
-        state.end_capture()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        state.begin_capture(max_rows)
-        captured = forward()
-        state.end_capture()
+    graphs, captured = {}, {}
+    for rows in sizes:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # SGLang's warm-up runs before the capture
+            state.begin_capture(max_rows)
+            forward(rows)
+            state.end_capture()
+        torch.cuda.current_stream().wait_stream(side)
+        graphs[rows] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[rows]):
+            state.begin_capture(max_rows)
+            captured[rows] = forward(rows)
+            state.end_capture()
+    home = state.graph_rows.paired_logits(2 * max_rows, shared_logits) if filter_mode == "post" else shared_logits
+    assert all(c.next_token_logits.untyped_storage().data_ptr() == home.untyped_storage().data_ptr()
+               for c in captured.values()), "a captured graph keeps logits of its own"
 
     for seed, (beta, slot) in enumerate([([1.0, 0.0, 0.5], [2, -1, 0]), ([2.0, 1.0, 1.0, 0.5, 1.0], [0, 1, 2, 3, 0])]):
         n = len(beta)
+        rows = min(r for r in sizes if r >= n)  # the graph SGLang replays, padded
         ids, h = torch.randint(0, VOCAB, (max_rows,), device=CUDA), _rows(max_rows, 100 + seed).to(torch.bfloat16)
         state.current = _step_rows(beta, slot)
         state.before_replay(n)
         params_now = tuple(p.clone() for p in state.lane.forward_params)  # what this replay must read
         static_ids.copy_(ids)
         static_h.copy_(h)
-        graph.replay()
-        output = SimpleNamespace(next_token_logits=captured.next_token_logits[:n], customized_info=None)
-        amateur = state.graph_rows.captured_amateur(output.next_token_logits) if filter_mode == "post" else None
+        graphs[rows].replay()
+        output = SimpleNamespace(next_token_logits=captured[rows].next_token_logits[:n], customized_info=None)
+        amateur = state.graph_rows.captured_amateur(rows) if filter_mode == "post" else None
         assert filter_mode == "pre" or amateur is not None, "the captured L(ĥ) was not found after the replay"
         result = state.after_replay(output, _sampling(n), amateur, second_pass=None)
 
