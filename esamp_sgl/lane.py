@@ -123,6 +123,8 @@ class CudaStreamLane(DeferredLane):
         self.published = tuple(p.clone() for p in bank.params)
         self._trained: dict[int, tuple[torch.cuda.Event, torch.Tensor]] = {}
         self._published_events: dict[int, torch.cuda.Event] = {}
+        seen = torch.tensor(0, dtype=torch.int64)  # host memory (pinned on CUDA): see resets()
+        self._resets_seen = seen.pin_memory() if bank.device.type == "cuda" else seen
         # The bank and these copies were written on the stream current now (SGLang builds the
         # worker on the default stream); the forward's stream and the side stream use them.
         torch.cuda.synchronize(bank.device)
@@ -132,10 +134,10 @@ class CudaStreamLane(DeferredLane):
         return self.published
 
     def resets(self) -> int:
-        """Read on the side stream, where training counts them: the host waits for the jobs
-        queued so far, the forward's stream for nothing."""
-        with torch.cuda.stream(self.side):
-            return int(self.bank.reset_count)
+        """As of the last training job the side stream ran: each job copies the count to pinned
+        host memory after its step (without waiting, in the stream's order, after any warm-up
+        on main), so a report never makes the host wait for the device."""
+        return int(self._resets_seen)
 
     def _main(self) -> torch.cuda.Stream:
         return torch.cuda.current_stream(self.bank.device)
@@ -205,6 +207,7 @@ class CudaStreamLane(DeferredLane):
             if gate is not None:
                 self.side.wait_event(gate)
             self.bank.train_step(job.x, job.h, job.slot)
+            self._resets_seen.copy_(self.bank.reset_count, non_blocking=True)
             live = to_device(torch.unique(job.slot[job.slot >= 0]), torch.int64, self.bank.device)
             done = torch.cuda.Event()
             done.record(self.side)

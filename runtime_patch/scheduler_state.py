@@ -161,6 +161,7 @@ class SchedulerState:
         self._agreed_now = 0.0
         self.slots = SlotTable(self.cfg.max_groups, ttl=self.cfg.group_ttl,
                                **({"clock": lambda: self._agreed_now} if self.agreed_clock else {}))
+        self._metrics_published = 0  # the last block of 16 mixing steps published
         self.metrics = metrics_if_enabled([k for k, v in self.report().items() if isinstance(v, (int, float))])
         self._faults = frozenset(filter(None, os.environ.get(FAULTS_ENV, "").split(",")))
 
@@ -289,8 +290,9 @@ class SchedulerState:
         )
 
     def end_batch(self) -> None:
-        # Every 16 mixing steps: on GPU, reading the reset counter waits for the training queued.
-        if self.metrics is not None and self.current is not None and self.counters.steps % 16 == 1:
+        # Once per 16 mixing steps (a batch that mixes nothing does not count).
+        if self.metrics is not None and self.counters.steps // 16 != self._metrics_published:
+            self._metrics_published = self.counters.steps // 16
             self.metrics.publish(self.report())
         self.current = None
 

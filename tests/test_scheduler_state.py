@@ -6,6 +6,7 @@ model of CUDA streams of tests/stream_sim.py)."""
 from __future__ import annotations
 
 from array import array
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -133,3 +134,15 @@ def test_a_tp_ranks_failed_training_submit_leaves_its_tokens_alone(tiny_model_pa
     assert not torch.equal(mixed, hidden) and info[0] is not None
     assert state.counters.hook_errors == 1
     state.end_batch()
+
+
+def test_metrics_are_published_once_per_16_mixing_steps(state):
+    """With --enable-metrics: once per 16 mixing steps, however many batches meanwhile mix
+    nothing (a report walks the slot table and reads the lane: not on every batch)."""
+    published: list[dict] = []
+    state.metrics, state.counters.steps = SimpleNamespace(publish=published.append), 17
+    for _ in range(3):  # batches whose rows mix nothing (seed-only requests, say): steps stay
+        state.current = SimpleNamespace(mixing=False)
+        state.end_batch()
+    assert len(published) == 1 and published[0]["training_steps"] == state.bank.train_steps
+    state.metrics = None

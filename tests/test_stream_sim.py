@@ -238,3 +238,25 @@ def test_an_error_tp_contains_still_fails_the_decode_step_check(sim, monkeypatch
     monkeypatch.setattr(latent_step, "predict", sync_refused)
     with pytest.raises(AssertionError), torch.cuda.stream(torch.cuda.Stream()):
         gpu_checks.check_decode_step_makes_no_host_sync("eager", sharded=True)
+
+
+def test_a_report_reads_the_lanes_reset_count_without_waiting_for_the_device(sim):
+    """/server_info and the metrics read how many distiller slots were reset; on CUDA each job
+    copies the count to pinned host memory after its step, so a report never waits for the device."""
+    from esamp_sgl.config import ESampConfig
+    from esamp_sgl.distiller import DistillerBank
+
+    bank = DistillerBank(2, 8, ESampConfig(init="random", rank=4, lr=0.1))
+    lane = CudaStreamLane(bank, staleness=0)
+    bank.device = torch.device("cuda")  # its CUDA branch: resets counted on the device, no sync
+    x, h = torch.randn(4, 8), torch.randn(4, 8)
+    x[0, 3] = float("nan")  # a row of slot 0
+    lane.begin_step()
+    lane.submit(x, h, torch.tensor([0, 1, 0, 1]))
+    lane.flush()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        resets = lane.resets()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert resets == 1 and sim.problems() == []
