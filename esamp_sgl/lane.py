@@ -37,6 +37,18 @@ class Job:
     ready: object | None = None  # CUDA: event recorded after the inputs were copied
 
 
+def distinct_stream(device: torch.device, avoid: list[torch.cuda.Stream]) -> torch.cuda.Stream:
+    """A fresh CUDA stream that is none of ``avoid``. PyTorch hands out a fixed pool of streams
+    round-robin (32 per priority and device), so a "new" one may be a stream SGLang already
+    runs on (SGLang 0.5.23 redraws its own schedule stream for the same reason)."""
+    taken = {stream.cuda_stream for stream in avoid}
+    for _ in range(65):
+        stream = torch.cuda.Stream(device)
+        if stream.cuda_stream not in taken:
+            return stream
+    raise RuntimeError("no CUDA stream distinct from the forward's in PyTorch's pool")
+
+
 class DeferredLane:
     def __init__(self, bank: DistillerBank, staleness: int) -> None:
         self.bank, self.staleness = bank, staleness
@@ -118,7 +130,7 @@ class CudaStreamLane(DeferredLane):
 
     def __init__(self, bank: DistillerBank, staleness: int) -> None:
         super().__init__(bank, staleness)
-        self.side = torch.cuda.Stream(bank.device)
+        self.side = distinct_stream(bank.device, [torch.cuda.current_stream(bank.device)])
         # Published: what the forward reads, at fixed addresses. The bank trains a master copy.
         self.published = tuple(p.clone() for p in bank.params)
         self._trained: dict[int, tuple[torch.cuda.Event, torch.Tensor]] = {}
@@ -143,6 +155,8 @@ class CudaStreamLane(DeferredLane):
         return torch.cuda.current_stream(self.bank.device)
 
     def begin_step(self) -> int:
+        if self._main().cuda_stream == self.side.cuda_stream:
+            self._leave_the_forwards_stream()
         self.step += 1
         self._publish(self.step - 1 - self.staleness)
         published = torch.cuda.Event()
@@ -185,6 +199,16 @@ class CudaStreamLane(DeferredLane):
         live = to_device(torch.unique(slot[slot >= 0]), torch.int64, self.bank.device)
         for pub, master in zip(self.published, self.bank.params):
             pub[live] = master[live]
+
+    def _leave_the_forwards_stream(self) -> None:
+        """The side stream is the one the forward runs on (drawn from the pool after the lane was
+        built): training would run in line with decoding. Move to another, after what the old
+        one has queued, with the queued jobs' inputs marked as read there too."""
+        old, self.side = self.side, distinct_stream(self.bank.device, [self._main()])
+        self.side.wait_stream(old)
+        for job in self._queue:
+            job.x.record_stream(self.side)
+            job.h.record_stream(self.side)
 
     def _publish(self, step: int) -> None:
         if step not in self._trained:

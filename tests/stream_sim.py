@@ -92,6 +92,10 @@ class SimStream:
         self.clock: Clock = dict(sim.host_clock)
         self.clock[self.id] = 0
 
+    @property
+    def cuda_stream(self) -> int:
+        return self.id
+
     def tick(self) -> int:
         self.clock[self.id] += 1
         return self.clock[self.id]
@@ -164,9 +168,11 @@ class StreamSim(TorchDispatchMode):
     active: StreamSim | None = None
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, honour_record_stream: bool = True,
-                 record_stream_writes: bool = False) -> None:
+                 record_stream_writes: bool = False, pool_size: int | None = None) -> None:
         """``record_stream_writes``: count ``record_stream`` as a write on the current stream, as
-        some releases of PyTorch's CUDA sanitizer do (its schema is in-place)."""
+        some releases of PyTorch's CUDA sanitizer do (its schema is in-place). ``pool_size``:
+        ``torch.cuda.Stream()`` hands out that many streams round-robin, as PyTorch's pool does
+        (32 per priority); unset, every call makes a new one."""
         super().__init__()
         self.host_clock: Clock = {}
         self.streams: list[SimStream] = []
@@ -183,12 +189,21 @@ class StreamSim(TorchDispatchMode):
         self._finalizers: list[weakref.finalize] = []
         self._honour_record_stream = honour_record_stream
         self._record_stream_writes = record_stream_writes
+        self._pool_size, self._pool, self._pool_draws = pool_size, [], 0
         self._patch(monkeypatch)
 
     def new_stream(self, name: str | None = None) -> SimStream:
         stream = SimStream(self, name or f"s{len(self.streams)}")
         self.streams.append(stream)
         return stream
+
+    def pooled_stream(self) -> SimStream:
+        """torch.cuda.Stream()."""
+        self._pool_draws += 1
+        if self._pool_size is None or len(self._pool) < self._pool_size:
+            self._pool.append(self.new_stream())
+            return self._pool[-1]
+        return self._pool[(self._pool_draws - 1) % self._pool_size]
 
     def order_after_host(self) -> None:
         """After a host synchronize every stream's next op follows what the host waited for."""
@@ -258,7 +273,7 @@ class StreamSim(TorchDispatchMode):
 
     def _patch(self, monkeypatch: pytest.MonkeyPatch) -> None:
         sim = self
-        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, priority=0: sim.new_stream())
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, priority=0: sim.pooled_stream())
         monkeypatch.setattr(torch.cuda, "Event", SimEvent)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: sim.current)
         monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: sim.default)

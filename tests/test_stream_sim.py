@@ -260,3 +260,31 @@ def test_a_report_reads_the_lanes_reset_count_without_waiting_for_the_device(sim
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert resets == 1 and sim.problems() == []
+
+
+def test_the_lane_leaves_a_side_stream_that_the_forward_runs_on(monkeypatch):
+    """PyTorch's streams come from a round-robin pool: the stream SGLang runs the forward on,
+    drawn after the lane was built, may be the lane's side stream. The lane then trains on
+    another, with the jobs it had queued (on the default stream here) ordered and kept alive."""
+    from esamp_sgl.config import ESampConfig
+    from esamp_sgl.distiller import DistillerBank
+
+    with StreamSim(monkeypatch, pool_size=2) as sim:
+        lane = CudaStreamLane(DistillerBank(2, 8, ESampConfig(init="random", rank=4, lr=0.05)), staleness=1)
+        torch.cuda.Stream()
+        forward = torch.cuda.Stream()
+        assert forward is lane.side  # the pool came round
+        slot = torch.tensor([0, 1])
+        lane.begin_step()
+        lane.submit(torch.randn(2, 8), torch.randn(2, 8), slot)
+        with torch.cuda.stream(forward):
+            forward.wait_stream(torch.cuda.default_stream())
+            for _ in range(3):
+                lane.begin_step()
+                lane.submit(torch.randn(2, 8), torch.randn(2, 8), slot)
+                for _ in range(4):  # the forward's stream reuses freed blocks at once
+                    torch.full((2, 8), float("nan"))
+            lane.flush()
+        torch.cuda.synchronize()
+    assert lane.side is not forward and lane.bank.train_steps == 4
+    assert sim.problems() == []
