@@ -238,6 +238,11 @@ def around_forward_batch(original: Any, worker: Any, batch: Any = None, *args: A
         _state.counters.forward_seconds += time.perf_counter() - start
 
 
+# With --enable-torch-compile SGLang compiles the model's forward, logits processor included; ESamp's
+# step reads and writes Python state (rows, slots, counters) that dynamo would guard on and
+# recompile for, step after step. The logits processor runs eagerly instead (still captured into
+# the decode graphs); the decoder layers stay compiled.
+@torch.compiler.disable
 def mix_before_lm_head(original: Any, processor: Any, input_ids: torch.Tensor, hidden_states: torch.Tensor,
                        lm_head: Any, logits_metadata: Any, *args: Any, **kwargs: Any) -> Any:
     """AROUND LogitsProcessor.forward (SGLang 0.5.23).

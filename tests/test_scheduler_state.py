@@ -1,7 +1,7 @@
 """ESamp's scheduler state against real SGLang request objects and a real (Hugging Face) tiny
 model, without a server: what a server on these CPUs cannot reach — a decode batch larger than
-the largest captured decode graph, and the streams of SGLang's overlap scheduler on a GPU (in the
-model of CUDA streams of tests/stream_sim.py)."""
+the largest captured decode graph, the streams of SGLang's overlap scheduler on a GPU (in the
+model of CUDA streams of tests/stream_sim.py), and a forward compiled by torch.compile."""
 
 from __future__ import annotations
 
@@ -146,3 +146,22 @@ def test_metrics_are_published_once_per_16_mixing_steps(state):
         state.end_batch()
     assert len(published) == 1 and published[0]["training_steps"] == state.bank.train_steps
     state.metrics = None
+
+
+def test_a_compiled_forward_runs_the_logits_hook_eagerly():
+    """--enable-torch-compile compiles the model's forward, logits processor included: dynamo must
+    not trace ESamp's step (it would guard on its per-step Python state and recompile)."""
+    from runtime_patch import hooks
+
+    traced: list[bool] = []
+
+    def logits_processor_forward(processor, input_ids, hidden_states, lm_head, metadata):
+        traced.append(torch.compiler.is_compiling())
+        return hidden_states * 2
+
+    @torch.compile(backend="eager")
+    def model_forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        return hooks.mix_before_lm_head(logits_processor_forward, None, None, hidden_states + 1, None, None) - 1
+
+    torch.testing.assert_close(model_forward(torch.ones(3)), torch.full((3,), 3.0))
+    assert traced == [False]
