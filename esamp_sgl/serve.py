@@ -47,6 +47,11 @@ CPU_TP_ENV = {"SGLANG_NCCL_SO_PATH": "/nonexistent/esamp-sgl-no-nccl-on-cpu.so"}
 # capture hooks). A prefill graph would replay an extend without ESamp's last-token mix and
 # warm-up, which run on the host's per-request view of the batch: ESamp keeps prefill eager.
 GPU_ESAMP_DEFAULTS: dict[str, str | None] = {"--cuda-graph-backend-prefill": "disabled"}
+# Under TP each rank samples from its own copy of the logits, and SGLang (to save an all-reduce)
+# trusts the copies to agree. A failure ESamp contains on one rank after the step's all-reduce
+# (that rank's rows then served plain) would break that and set the ranks' schedulers apart; with
+# this the ranks agree on each sampled token (SGLang's sampler: the minimum over the ranks).
+ESAMP_TP_ENV = {"SYNC_TOKEN_IDS_ACROSS_TP": "1"}
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ def dp_size(args: Sequence[str]) -> int:
 # stream after the layer: Gemma 3 appends the layer's last MLP output (its residual travels
 # apart), not the state the base distiller is trained on (found by tests/test_families.py).
 # Models without the capture at all are refused by the scheduler (capture_layer).
-CAPTURE_IS_NOT_THE_RESIDUAL = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+CAPTURE_IS_NOT_THE_RESIDUAL = ("Gemma3ForCausalLM",)
 
 
 def _architecture(args: Sequence[str]) -> str | None:
@@ -125,7 +130,15 @@ def _architecture(args: Sequence[str]) -> str | None:
 
 
 def _refuse_unsupported(args: Sequence[str], esamp: ESampConfig) -> None:
-    if esamp.source_layer is not None and (arch := _architecture(args)) in CAPTURE_IS_NOT_THE_RESIDUAL:
+    arch = _architecture(args)
+    if arch is not None and arch.endswith("ForConditionalGeneration"):
+        # SGLang's Gemma 3 wrapper holds its text model as `language_model` (ESamp reads
+        # `model.embed_tokens`), and transformers' has no `model.norm` for the base distiller: a
+        # clear refusal now, not a failure after loading the weights twice.
+        raise ValueError(f"ESamp serves text-only causal language models (…ForCausalLM); {arch} is a "
+                         "multimodal or encoder-decoder checkpoint. Serve a text-only checkpoint of the "
+                         "model, or --no-esamp.")
+    if esamp.source_layer is not None and arch in CAPTURE_IS_NOT_THE_RESIDUAL:
         raise ValueError(f"--esamp-source {esamp.source}: {arch}'s layer capture in SGLang is not the residual "
                          "stream after the layer; use --esamp-source embed.")
     for flag in ("--pp-size", "--pipeline-parallel-size"):
@@ -184,6 +197,9 @@ def build_launch(model: str | None, args: Sequence[str], *, cpu: bool | None = N
     if esamp is not None:
         _refuse_unsupported(args, esamp)
         env[ENV_VAR] = esamp.to_env()
+        if tp_size(args) > 1:
+            for key, value in ESAMP_TP_ENV.items():
+                env.setdefault(key, value)
         if not on_cpu:
             defaults.update(GPU_ESAMP_DEFAULTS)
     for flag, value in defaults.items():

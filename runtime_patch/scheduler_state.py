@@ -326,7 +326,8 @@ class SchedulerState:
             return known
         if fresh:
             if (held := self.shard.local(slot)) >= 0:
-                self.lane.reset_slots(to_device([held], torch.int64, self.device))
+                with self.rank_local():  # under TP the other ranks go on to this step's collectives
+                    self.lane.reset_slots(to_device([held], torch.int64, self.device))
             self.counters.groups_created += 1
         self.requests[req.rid] = known = ExploringRequest(params, group, slot)
         return known

@@ -115,20 +115,28 @@ def test_a_groups_life_under_the_overlap_schedulers_streams(tiny_model_path, mon
     assert report["groups_created"] == 2 and report["training_steps"] >= 8 and report["warmed_up_tokens"] > 0
 
 
-@torch.no_grad()
-def test_a_tp_ranks_failed_training_submit_leaves_its_tokens_alone(tiny_model_path, monkeypatch):
-    """The step's ĥ was all-reduced before the rows are queued for training: a failure there on
-    one rank must not turn that rank's step plain (its logits would then differ from the other
-    ranks'); it is counted, and the step's mixed rows stand."""
+def _tp_rank(tiny_model_path) -> SchedulerState:
+    """A scheduler state as one rank of a TP group (its all-reduce is the identity)."""
     model = LlamaForCausalLM.from_pretrained(str(tiny_model_path)).eval()
-    state = SchedulerState(ESampConfig(init="random"), model, torch.device("cpu"), str(tiny_model_path),
-                           shard=GroupShard(0, 1), all_reduce=lambda t: t, agreed_clock=lambda: 0.0)
+    return SchedulerState(ESampConfig(init="random"), model, torch.device("cpu"), str(tiny_model_path),
+                          shard=GroupShard(0, 1), all_reduce=lambda t: t, agreed_clock=lambda: 0.0)
 
-    def refused(*args, **kwargs):
-        raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(state.lane, "submit", refused)
+def _refused(*args, **kwargs):
+    raise RuntimeError("out of memory")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("part", ["reset_slots", "submit"])
+def test_a_tp_ranks_failure_in_its_own_lane_leaves_its_step_alone(tiny_model_path, monkeypatch, part):
+    """A failure in a rank's own share of the work — the fresh slot of a new group (begin_batch),
+    the rows queued for training after the all-reduce (mix) — must not turn the step plain on that
+    rank alone: it would skip the step's collectives, or sample from other logits than its peers.
+    It is counted, and the step's mixed rows stand."""
+    state = _tp_rank(tiny_model_path)
+    monkeypatch.setattr(state.lane, part, _refused)
     state.begin_batch([_request("r", 1.0)])
+    assert state.current is not None and state.current.mixing
     hidden = torch.randn(1, state.bank.d)
     mixed, _, info = state.mix(torch.arange(1), hidden, None, torch.arange(1))
     assert not torch.equal(mixed, hidden) and info[0] is not None

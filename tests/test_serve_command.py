@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from esamp_sgl.cli import main
@@ -27,6 +29,15 @@ def test_gpu_command_passes_flags_unchanged(tiny_model_path):
     launch = build_launch(str(tiny_model_path), ["--tp-size", "2", "--no-esamp"], cpu=False)
     assert launch.command[3:] == ["--model-path", str(tiny_model_path), "--tp-size", "2"]
     assert ENV_VAR not in launch.env and launch.esamp is None
+
+
+def test_tensor_parallel_ranks_agree_on_each_token_with_esamp_on(tiny_model_path, monkeypatch):
+    monkeypatch.delenv("SYNC_TOKEN_IDS_ACROSS_TP", raising=False)
+    for cpu in (True, False):
+        assert build_launch(str(tiny_model_path), ["--tp-size", "2"], cpu=cpu).env["SYNC_TOKEN_IDS_ACROSS_TP"] == "1"
+    assert "SYNC_TOKEN_IDS_ACROSS_TP" not in build_launch(str(tiny_model_path), ["--tp-size", "2", "--no-esamp"],
+                                                          cpu=True).env
+    assert "SYNC_TOKEN_IDS_ACROSS_TP" not in build_launch(str(tiny_model_path), [], cpu=True).env
 
 
 def test_esamp_flags_become_the_config_and_leave_sglang_flags(tiny_model_path):
@@ -60,6 +71,15 @@ def test_layer_source_is_refused_where_sglang_captures_something_else(tmp_path):
     with pytest.raises(ValueError, match="--esamp-source layer:1: Gemma3ForCausalLM"):
         build_launch(str(path), ["--esamp-source", "layer:1"], cpu=True)
     assert build_launch(str(path), [], cpu=True).esamp.source == "embed"
+
+
+def test_a_multimodal_checkpoint_is_refused_before_anything_loads(tmp_path):
+    path = write_tiny_model(tmp_path / "tiny-gemma3", arch="gemma3", layers=1)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"architectures": ["Gemma3ForConditionalGeneration"]}))
+    with pytest.raises(ValueError, match="Gemma3ForConditionalGeneration is a multimodal"):
+        build_launch(str(path), [], cpu=True)
+    assert build_launch(str(path), ["--no-esamp"], cpu=True).esamp is None
 
 
 def test_parallel_cpu_servers_get_what_sglang_needs_there(tiny_model_path):
