@@ -38,6 +38,28 @@ def distiller_forward(params: Params, x: torch.Tensor, slot: torch.Tensor) -> to
     return distill(x.unsqueeze(1), A, G, b.unsqueeze(1), B, ln_w.unsqueeze(1), ln_b.unsqueeze(1)).squeeze(1)
 
 
+WARMUP_PADDED_ROWS = 4096  # per warm-up step: groups × the widest group's rows (at d = 4096, 64 MiB fp32)
+
+
+def slot_chunks(slot: list[int], budget: int) -> list[list[int]]:
+    """``slot`` as per-row slot lists, one per chunk of groups (rows of other chunks −1), each
+    chunk's groups padded to its widest holding at most ``budget`` rows (a group wider than
+    ``budget`` makes a chunk alone)."""
+    counts: dict[int, int] = {}
+    for s in slot:
+        if s >= 0:
+            counts[s] = counts.get(s, 0) + 1
+    chunks: list[set[int]] = []
+    widest = 0
+    for s, rows in sorted(counts.items(), key=lambda item: item[1]):  # narrow groups together
+        if chunks and max(widest, rows) * (len(chunks[-1]) + 1) <= budget:
+            chunks[-1].add(s)
+        else:
+            chunks.append({s})
+        widest = rows  # sorted: the newest is the widest of its chunk
+    return [[s if s in chunk else -1 for s in slot] for chunk in chunks]
+
+
 @dataclass(frozen=True)
 class RowGroups:
     """Rows of one batch grouped by slot, built on the host (no device sync): [L, n] row indices
@@ -182,9 +204,14 @@ class DistillerBank:
 
     def warm_up(self, x: torch.Tensor, h: torch.Tensor, slot: torch.Tensor | list[int]) -> None:
         """``cfg.warmup_steps`` training steps on prompt (prefill) states before decoding;
-        ``slot`` per row as in train_step."""
-        for _ in range(self.cfg.warmup_steps):
-            self.train_step(x, h, slot)
+        ``slot`` per row as in train_step. A step pads every group to the widest one ([groups,
+        widest, d] fp32 per temporary: one long prompt beside many would take GBs at 7B), so the
+        groups train in chunks of at most WARMUP_PADDED_ROWS padded rows; a slot's update depends
+        on its own rows alone, so the chunks change nothing else."""
+        for chunk in slot_chunks(slot.tolist() if isinstance(slot, torch.Tensor) else list(slot),
+                                 WARMUP_PADDED_ROWS):
+            for _ in range(self.cfg.warmup_steps):
+                self.train_step(x, h, chunk)
 
     def losses(self) -> dict[int, float]:
         """{slot: loss before the last step} (a host sync; for tests and reporting)."""

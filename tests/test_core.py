@@ -436,3 +436,22 @@ def test_learned_mix_steers_only_by_what_the_group_learned():
     torch.testing.assert_close(error[0], novelty(h[:1], group_pred[:1])[0])  # novelty: the distiller's own error
     with pytest.raises(ValueError, match="learned"):
         distill_and_mix_torch(bank.params, x, h, slot, beta, "learned")
+
+
+def test_warm_up_trains_long_and_short_prompts_in_chunks_with_the_same_result(monkeypatch):
+    """A long prompt beside short ones would pad every group to its length; the groups train in
+    chunks instead, and each slot ends exactly as in one padded step."""
+    from esamp_sgl import distiller
+
+    x, h = _data(12)
+    slot = torch.tensor([0] * 8 + [1, 2, 2, 3])  # one group of 8 rows beside three of 1–2
+    cfg = ESampConfig(init="random", rank=8, lr=0.1, warmup_steps=2)
+    whole, chunked = DistillerBank(4, D, cfg), DistillerBank(4, D, cfg)
+    whole.warm_up(x, h, slot)
+    monkeypatch.setattr(distiller, "WARMUP_PADDED_ROWS", 6)
+    assert len(distiller.slot_chunks(slot.tolist(), 6)) == 2  # the three narrow groups, then the wide one
+    chunked.warm_up(x, h, slot)
+    assert chunked.train_steps == 2 * whole.train_steps
+    for s in range(4):
+        assert _same_weights(chunked, s, whole, s, atol=1e-6)
+    assert chunked.slot_steps.tolist() == whole.slot_steps.tolist() == [2, 2, 2, 2]
