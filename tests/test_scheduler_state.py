@@ -156,11 +156,12 @@ def test_metrics_are_published_once_per_16_mixing_steps(state):
     state.metrics = None
 
 
-def test_a_compiled_forward_runs_the_logits_hook_eagerly():
+def test_a_compiled_forward_runs_the_logits_hook_eagerly(monkeypatch):
     """--enable-torch-compile compiles the model's forward, logits processor included: dynamo must
     not trace ESamp's step (it would guard on its per-step Python state and recompile)."""
     from runtime_patch import hooks
 
+    monkeypatch.setattr(hooks, "_state", None)  # no ESamp step: the hook calls the processor
     traced: list[bool] = []
 
     def logits_processor_forward(processor, input_ids, hidden_states, lm_head, metadata):
