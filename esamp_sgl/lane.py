@@ -130,7 +130,7 @@ class CudaStreamLane(DeferredLane):
 
     def __init__(self, bank: DistillerBank, staleness: int) -> None:
         super().__init__(bank, staleness)
-        self.side = distinct_stream(bank.device, [torch.cuda.current_stream(bank.device)])
+        self.side = torch.cuda.Stream(bank.device)  # never the forward's: see begin_step
         # Published: what the forward reads, at fixed addresses. The bank trains a master copy.
         self.published = tuple(p.clone() for p in bank.params)
         self._trained: dict[int, tuple[torch.cuda.Event, torch.Tensor]] = {}
