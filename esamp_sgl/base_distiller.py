@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -119,17 +120,30 @@ def ensure_base(model_path: str | Path, cfg: ESampConfig, *, seed: int = 0, dtyp
     return stats
 
 
-def build_in_child(model_path: str | Path, cfg: ESampConfig, dtype: str) -> BaseStats:
-    """ensure_base in a child process (see the module doc), which must succeed."""
+def build_in_child(model_path: str | Path, cfg: ESampConfig, dtype: str, gpus: list[int] | None = None) -> BaseStats:
+    """ensure_base in a child process (see the module doc), which must succeed. ``gpus``: the
+    GPU ordinals the server will run on, the only ones the child may use (others may be another
+    server's, with their memory taken)."""
     cached = cached_stats(model_path, cfg)
     if cached is not None:
         return cached
     subprocess.run([sys.executable, "-m", "esamp_sgl.base_distiller", str(model_path), cfg.to_env(), dtype],
-                   check=True)
+                   check=True, env=child_env_on(gpus))
     stats = base_stats(model_path, cfg)
     if stats is None:
         raise RuntimeError(f"building the base distiller for {model_path} left no {base_path(model_path, cfg)}")
     return stats
+
+
+def child_env_on(gpus: list[int] | None) -> dict[str, str]:
+    """This process's environment with CUDA_VISIBLE_DEVICES narrowed to ``gpus`` (ordinals among
+    the GPUs visible now, as SGLang's --base-gpu-id counts them); unchanged for None."""
+    env = dict(os.environ)
+    if gpus is not None:
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(max(gpus) + 1)]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[g] for g in gpus if g < len(ids))
+    return env
 
 
 def serving_dtype(model_path: Path, dtype_flag: str | None) -> str:

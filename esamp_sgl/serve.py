@@ -117,6 +117,13 @@ def dp_size(args: Sequence[str]) -> int:
     return _size(args, "--dp-size", "--data-parallel-size")
 
 
+def server_gpus(args: Sequence[str]) -> list[int]:
+    """The GPU ordinals a server uses: SGLang's --base-gpu-id plus --gpu-id-step for each of its
+    TP × DP ranks."""
+    base, step = int(_value(args, "--base-gpu-id") or 0), int(_value(args, "--gpu-id-step") or 1)
+    return [base + i * step for i in range(tp_size(args) * dp_size(args))]
+
+
 # SGLang 0.5.23 models whose EAGLE3 layer capture hands over something other than the residual
 # stream after the layer: Gemma 3 appends the layer's last MLP output (its residual travels
 # apart), not the state the base distiller is trained on (found by tests/test_families.py).
@@ -221,7 +228,8 @@ def prepare(launch: ServerLaunch) -> None:
     if not path.is_file():
         print(f"esamp-sgl: pre-training the base distiller for {model_path} (once; cached at {path.parent})",
               file=sys.stderr, flush=True)
-    stats = build_in_child(model_path, launch.esamp, serving_dtype(model_path, _value(launch.command, "--dtype")))
+    stats = build_in_child(model_path, launch.esamp, serving_dtype(model_path, _value(launch.command, "--dtype")),
+                           server_gpus(launch.command) if has_gpu() else None)
     print(f"esamp-sgl: base distiller {path.name}: held-out relative error "
           f"{stats.held_out_relative_error:.3f} on {stats.rows} rows", file=sys.stderr, flush=True)
 

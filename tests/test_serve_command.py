@@ -117,3 +117,18 @@ def test_source_flag_accepts_embed_or_a_layer(tiny_model_path):
     assert build_launch(str(tiny_model_path), ["--esamp-source", "layer:2"], cpu=True).esamp.source_layer == 2
     with pytest.raises(ValueError, match="source='layer:x'"):
         build_launch(str(tiny_model_path), ["--esamp-source", "layer:x"], cpu=True)
+
+
+def test_the_base_distillers_build_uses_only_the_servers_gpus(monkeypatch):
+    """The build's child loads the model over the GPUs it sees: on a machine that runs several
+    servers (--base-gpu-id), only those of the server it builds for, as SGLang counts them."""
+    from esamp_sgl.base_distiller import child_env_on
+    from esamp_sgl.serve import server_gpus
+
+    assert server_gpus(["--tp-size", "2", "--base-gpu-id", "4"]) == [4, 5]
+    assert server_gpus(["--tp-size=2", "--dp-size", "2", "--base-gpu-id=1", "--gpu-id-step", "2"]) == [1, 3, 5, 7]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7,9,11,13")
+    assert child_env_on(server_gpus(["--tp-size", "2", "--base-gpu-id", "2"]))["CUDA_VISIBLE_DEVICES"] == "7,9"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert child_env_on([4, 5])["CUDA_VISIBLE_DEVICES"] == "4,5"
+    assert "CUDA_VISIBLE_DEVICES" not in child_env_on(None)
