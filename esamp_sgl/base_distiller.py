@@ -146,15 +146,19 @@ def child_env_on(gpus: list[int] | None) -> dict[str, str]:
     return env
 
 
-def serving_dtype(model_path: Path, dtype_flag: str | None) -> str:
-    """The torch dtype name SGLang serves the model in, from its ``--dtype`` flag (``auto``:
-    the checkpoint's own dtype, with float32 served as bfloat16 on GPU, as SGLang does)."""
+def serving_dtype(model_path: Path, dtype_flag: str | None, on_gpu: bool | None = None) -> str:
+    """The torch dtype name SGLang serves the model in, from its ``--dtype`` flag (``auto``: the
+    checkpoint's own dtype, float32 if it names none; on GPU float32 is served as float16, or as
+    bfloat16 for Gemma models, as SGLang 0.5.23's _get_and_verify_dtype does). ``on_gpu``: by
+    default, whether CUDA is available."""
     aliases = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
     if dtype_flag not in (None, "auto"):
         return aliases.get(dtype_flag, dtype_flag)
     config = json.loads((model_path / "config.json").read_text()) if (model_path / "config.json").is_file() else {}
-    name = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
-    return "bfloat16" if name == "float32" and torch.cuda.is_available() else name
+    name = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    if name != "float32" or not (torch.cuda.is_available() if on_gpu is None else on_gpu):
+        return name
+    return "bfloat16" if str(config.get("model_type", "")).startswith("gemma") else "float16"
 
 
 @dataclass(frozen=True)

@@ -51,3 +51,12 @@ def test_the_build_takes_the_serving_dtype(tiny_model_path):
     assert serving_dtype(tiny_model_path, "bfloat16") == "bfloat16"
     config = json.loads((tiny_model_path / "config.json").read_text())
     assert serving_dtype(tiny_model_path, "auto") == (config.get("torch_dtype") or config["dtype"])  # no GPU here
+
+
+def test_a_float32_checkpoint_is_built_in_what_sglang_serves_it_in_on_a_gpu(tmp_path):
+    for model_type, served in (("llama", "float16"), ("qwen2", "float16"), ("gemma2", "bfloat16")):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "torch_dtype": "float32"}))
+        assert serving_dtype(tmp_path, "auto", on_gpu=True) == served
+        assert serving_dtype(tmp_path, None, on_gpu=False) == "float32"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"}))
+    assert serving_dtype(tmp_path, "auto", on_gpu=True) == "bfloat16"
