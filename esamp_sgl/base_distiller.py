@@ -5,7 +5,7 @@ stays ≈ 0.5–0.9), so its mix mostly rescales logits. The base distiller is t
 on (shallow, deep) state pairs from the model's own samples over BASE_PROMPTS, and every new
 group starts as a copy of it (``--esamp-init base``). ``esamp-sgl serve`` builds it before the
 server starts, with transformers, in a child process (``build_in_child``) that loads the model in
-the serving dtype (over every visible GPU), trains on a GPU if there is one, and exits before
+the serving dtype (over the GPUs the server will run on), trains on a GPU if there is one, and exits before
 SGLang starts: whatever memory the build took (a full-size model on the GPUs) is returned, and
 the server's KV pool is sized as without ESamp. Each scheduler loads the result.
 

@@ -36,6 +36,12 @@ class Job:
     owners: list | None = None  # a tag per row (the scheduler's (request id, token ordinal))
     ready: object | None = None  # CUDA: event recorded after the inputs were copied
 
+    def read_on(self, stream: torch.cuda.Stream) -> None:
+        """CUDA: ``stream`` reads x and h (record_stream: once freed, their memory goes to no other
+        op before the work that stream had queued by then has run)."""
+        self.x.record_stream(stream)
+        self.h.record_stream(stream)
+
 
 def distinct_stream(device: torch.device, avoid: list[torch.cuda.Stream]) -> torch.cuda.Stream:
     """A fresh CUDA stream that is none of ``avoid``. PyTorch hands out a fixed pool of streams
@@ -174,8 +180,7 @@ class CudaStreamLane(DeferredLane):
         # The side stream reads them later. Marked before `ready` is recorded: record_stream is
         # in-place by its schema, and some releases of PyTorch's CUDA sanitizer count it as a write
         # on the current stream, which the side stream's read would then race.
-        job.x.record_stream(self.side)
-        job.h.record_stream(self.side)
+        job.read_on(self.side)
         job.ready = torch.cuda.Event()
         job.ready.record(self._main())
         self._launch_ready()
@@ -207,8 +212,7 @@ class CudaStreamLane(DeferredLane):
         old, self.side = self.side, distinct_stream(self.bank.device, [self._main()])
         self.side.wait_stream(old)
         for job in self._queue:
-            job.x.record_stream(self.side)
-            job.h.record_stream(self.side)
+            job.read_on(self.side)
 
     def _publish(self, step: int) -> None:
         if step not in self._trained:
